@@ -1,0 +1,76 @@
+"""Defaults shared by every experiment; the per-experiment files override a few fields.
+
+Run (the built-in default, digits):
+  python -m ddpm_jax.main train --config configs/digits.py --workdir runs/digits
+
+Every field can be overridden on the command line, e.g. `--config.train.num_steps=2000`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: a tfds name (read with tfds.data_source, no TensorFlow), or "digits" (built in).
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "digits"
+    data.data_dir = None  # tfds data_dir; a gs:// bucket on a pod.
+    data.split = "train"
+    data.eval_split = "test"
+    data.image_size = 8
+    data.channels = 1
+    data.random_flip = False
+    data.class_conditional = False
+    data.num_classes = 10
+
+    # The epsilon-network (Appendix B of Ho et al. 2020). Passed to UNet(**model) by the trainer.
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.dtype = "float32"  # "bfloat16": bf16 activations, f32 params/norms/softmax/output.
+
+    # The forward process and what the network predicts.
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.beta_schedule = "linear"
+    diffusion.num_timesteps = 1000
+    diffusion.model_mean_type = "epsilon"  # epsilon | x_start | v
+    diffusion.model_var_type = "fixed_large"  # fixed_large (sigma^2 = beta) | fixed_small
+    diffusion.loss_weighting = "none"  # none | min_snr
+    diffusion.min_snr_gamma = 5.0
+
+    # Optimiser: clip at global norm 1, Adam 2e-4 with linear warm-up (Ho et al. 2020, App. B).
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.learning_rate = 2e-4
+    optim.warmup_steps = 5000
+    optim.grad_clip_norm = 1.0
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 128  # global, over all devices of all hosts
+    train.num_steps = 800_000
+    train.ema_decay = 0.9999
+    train.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step))
+    train.steps_per_dispatch = 1  # steps fused with lax.scan inside one pmap call
+    train.log_every = 100
+    train.checkpoint_every = 5000
+    train.keep_checkpoints = 3
+    train.sample_every = 20_000
+    train.nonfinite = "stop"  # stop | skip
+    train.max_skipped_steps = 10
+
+    # Samples written during training and by the `sample` command's defaults.
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.num_grid = 64
+    sample.sampler = "ddpm"  # ddpm | ddim
+    sample.ddim_steps = 50
+    sample.ddim_eta = 0.0
+    sample.clip_denoised = True
+    return config

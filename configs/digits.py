@@ -1,0 +1,38 @@
+"""The built-in default: scikit-learn's 1,797 8x8 handwritten digits, no download.
+
+Run:
+  python -m ddpm_jax.main train --config configs/digits.py --workdir runs/digits
+
+Expected: on 2 CPU cores, about 10 minutes; the loss settles near 0.1 and the sample grid
+in runs/digits/samples/ shows recognisable digits.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.name = "digits"
+    config.data.image_size = 8
+    config.data.channels = 1
+    config.data.random_flip = False  # digits are not mirror-symmetric
+
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (4,)
+    config.model.dropout = 0.0
+
+    config.diffusion.num_timesteps = 1000
+
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 200
+
+    config.train.batch_size = 128
+    config.train.num_steps = 4000
+    config.train.ema_decay = 0.999
+    config.train.ema_warmup = True
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+    config.train.sample_every = 2000
+    return config
