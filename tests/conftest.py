@@ -10,6 +10,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+# Many tests compile the same small programs (the tiny UNet's init and train step); a persistent
+# compilation cache shared by the test processes of one run turns the repeats into cache hits.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "DDPM_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "ddpm_jax_xla_cache")
+    ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

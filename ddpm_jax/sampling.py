@@ -1,0 +1,571 @@
+"""Samplers: ancestral DDPM (Algorithm 2, Ho et al. 2020) and DDIM (Song et al. 2021).
+
+Each sampler is one `jax.lax.scan` over reversed timesteps, so the traced program has the same
+size for T = 10 and T = 1000. Randomness is explicit and split once, up front:
+
+    rng -> (rng_x, rng_steps);  x_T ~ N(0, I) from rng_x;  step_rngs = split(rng_steps, S)
+
+and step_rngs[i] drives the i-th step of the scan (timestep T-1-i for the ancestral sampler), fed
+to the scan as `xs`. The network is injected as `denoise_fn(x_t, t) -> model_output`, t int32 [B];
+`make_denoise_fn` closes flax params (and class labels) into one. `make_pmapped_sampler` and
+`sample_images` run the sampler on every local device, each device on its own key.
+
+Typical use (jit once, call many times; params go in as an argument, not baked-in constants):
+
+    @jax.jit
+    def draw(rng, params):
+        return sampling.sample(
+            rng, sampling.make_denoise_fn(model.apply, params), schedule, (64, 32, 32, 3),
+            model_mean_type=diffusion.ModelMeanType.EPSILON,
+            model_var_type=diffusion.ModelVarType.FIXED_LARGE)
+
+    images = sampling.to_uint8(draw(jax.random.key(0), ema_params))  # uint8 [64, 32, 32, 3]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedules import DiffusionSchedule
+
+# denoise_fn(x_t [B, ...] float, t [B] int32) -> model_output [B, ...] (eps, x_0 or v).
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+# step_fn(x_t, t [B], t_prev [B], rng) -> (x_prev, pred_xstart): one reverse step, network inside.
+_StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+DDIM_SPACINGS = ("uniform", "quadratic")
+SAMPLERS = ("ddpm", "ddim")
+
+
+class Trajectory(NamedTuple):
+    """The chain at recorded steps, in sampling order (K frames)."""
+
+    t: jax.Array  # int32 [K]: the timestep of each frame, decreasing
+    x_t: jax.Array  # [K, *shape]: the chain's state entering step t (frame 0 of `sample` is x_T)
+    pred_xstart: jax.Array  # [K, *shape]: x_0 predicted from x_t at step t (clipped if asked)
+
+
+class Samples(NamedTuple):
+    """What a pmapped sampler returns for the local devices (n = local devices * batch)."""
+
+    images: jax.Array  # float32 [n, H, W, C] in about [-1, 1]; `to_uint8` for files
+    labels: jax.Array | None  # int32 [n] class labels, or None when unconditional
+
+
+# --------------------------------------------------------------------------------------------
+# The chain: one lax.scan shared by both samplers.
+# --------------------------------------------------------------------------------------------
+
+
+def _record(frames, slot, x_t, pred_xstart):
+    """Writes (x_t, pred_xstart) into frame `slot` of the buffers, or nothing when slot < 0."""
+    index = jnp.maximum(slot, 0)
+
+    def write(buf, value):
+        return buf.at[index].set(jnp.where(slot >= 0, value, buf[index]))
+
+    return write(frames[0], x_t), write(frames[1], pred_xstart)
+
+
+def _run_chain(
+    step_fn: _StepFn,
+    x_T: jax.Array,
+    ts: np.ndarray,
+    t_prevs: np.ndarray,
+    step_rngs: jax.Array,
+    record_ts: np.ndarray | None,
+):
+    """Scans step_fn over ts (decreasing) from x_T; returns x_0, or (x_0, Trajectory).
+
+    record_ts: None (no trajectory) or the timesteps to record, a subset of ts in ts's order.
+    The recorded frames live in a fixed [K, ...] buffer in the carry, written with a mask, so
+    that neither memory nor the traced program grows with the number of steps.
+    """
+    batch = x_T.shape[0]
+    if step_rngs.shape[:1] != ts.shape:
+        raise ValueError(f"need one key per step: {step_rngs.shape[0]} keys for {len(ts)} steps")
+    if record_ts is None:
+        slots = np.full(ts.shape, -1, np.int32)
+    else:
+        slot_of = {int(t): k for k, t in enumerate(record_ts)}
+        slots = np.array([slot_of.get(int(t), -1) for t in ts], np.int32)
+
+    def body(carry, xs):
+        x_t, frames = carry
+        t, t_prev, rng, slot = xs
+        t_vec = jnp.full((batch,), t, jnp.int32)
+        t_prev_vec = jnp.full((batch,), t_prev, jnp.int32)
+        x_prev, pred_xstart = step_fn(x_t, t_vec, t_prev_vec, rng)
+        if frames is not None:
+            frames = _record(frames, slot, x_t, pred_xstart)
+        return (x_prev, frames), None
+
+    frames = None
+    if record_ts is not None:
+        empty = jnp.zeros((len(record_ts), *x_T.shape), x_T.dtype)
+        frames = (empty, empty)
+    xs = (
+        jnp.asarray(ts, jnp.int32),
+        jnp.asarray(t_prevs, jnp.int32),
+        step_rngs,
+        jnp.asarray(slots),
+    )
+    (x_0, frames), _ = jax.lax.scan(body, (x_T, frames), xs)
+    if record_ts is None:
+        return x_0
+    return x_0, Trajectory(jnp.asarray(record_ts, jnp.int32), *frames)
+
+
+def _model_output(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array) -> jax.Array:
+    """Calls the network and checks that it returned one value per element of x_t."""
+    out = denoise_fn(x_t, t)
+    if out.shape != x_t.shape:
+        raise ValueError(f"denoise_fn returned shape {out.shape}; expected x_t's {x_t.shape}")
+    return out.astype(x_t.dtype)
+
+
+def _split_rngs(rng: jax.Array, shape: Sequence[int], num_steps: int, dtype):
+    """rng -> (x_T ~ N(0, I) [shape], per-step keys [num_steps]); see the module docstring."""
+    rng_x, rng_steps = jax.random.split(rng)
+    x_T = jax.random.normal(rng_x, tuple(shape), dtype)
+    return x_T, jax.random.split(rng_steps, num_steps)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 1 or min(shape) < 1:
+        raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# Ancestral sampling, Algorithm 2 of Ho et al. 2020.
+# --------------------------------------------------------------------------------------------
+
+
+def _trajectory_steps(num_timesteps: int, trajectory_steps) -> np.ndarray:
+    """The timesteps to record, validated, deduplicated and in sampling (decreasing) order."""
+    if trajectory_steps is None:
+        return np.arange(num_timesteps - 1, -1, -1)
+    steps = sorted({int(t) for t in trajectory_steps}, reverse=True)
+    if not steps or steps[0] > num_timesteps - 1 or steps[-1] < 0:
+        raise ValueError(
+            f"trajectory_steps must be timesteps in [0, {num_timesteps - 1}], "
+            f"got {trajectory_steps!r}"
+        )
+    return np.asarray(steps)
+
+
+def p_sample_loop(
+    step_rngs: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    x_T: jax.Array,
+    *,
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+    trajectory_steps: Sequence[int] | None = None,
+):
+    """Algorithm 2 from a given x_T with given per-step keys (what `sample` runs).
+
+    Args:
+      step_rngs: keys [T]; step_rngs[i] draws the noise z of timestep T-1-i. The last key (t = 0)
+        is never used: the final step adds no noise.
+      denoise_fn: (x_t [B, ...], t int32 [B]) -> model output [B, ...].
+      schedule: the forward process.
+      x_T: [B, ...] the starting noise.
+      model_mean_type / model_var_type: diffusion.ModelMeanType / ModelVarType (or their values).
+      clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
+      return_trajectory: also return a Trajectory.
+      trajectory_steps: timesteps to record (static ints); None records all T steps, which costs
+        2 * T * x_T.size floats: prefer a few steps for large T or large batches.
+
+    Returns:
+      x_0 [B, ...] (x_T's dtype), or (x_0, Trajectory) if return_trajectory.
+    """
+    mean_type = diffusion.ModelMeanType(model_mean_type)
+    var_type = diffusion.ModelVarType(model_var_type)
+    num_timesteps = schedule.num_timesteps
+    if trajectory_steps is not None and not return_trajectory:
+        raise ValueError("trajectory_steps given but return_trajectory=False")
+    record = _trajectory_steps(num_timesteps, trajectory_steps) if return_trajectory else None
+
+    def step_fn(x_t, t, t_prev, rng):
+        del t_prev  # always t - 1 here
+        noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
+        return diffusion.p_sample_step(
+            schedule,
+            _model_output(denoise_fn, x_t, t),
+            x_t,
+            t,
+            noise,
+            model_mean_type=mean_type,
+            model_var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
+
+    ts = np.arange(num_timesteps - 1, -1, -1)
+    return _run_chain(step_fn, x_T, ts, ts - 1, step_rngs, record)
+
+
+def sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+    trajectory_steps: Sequence[int] | None = None,
+):
+    """Draws x_0 ~ p_theta by ancestral sampling (Algorithm 2, Ho et al. 2020).
+
+    x_T ~ N(0, I); for t = T-1 .. 0: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at t = 0.
+    Keys: rng -> (rng_x, rng_steps); x_T from rng_x; jax.random.split(rng_steps, T)[i] drives
+    timestep T-1-i. Wrap in jax.jit (shape and the keyword arguments are static).
+
+    Args:
+      rng: a jax.random.key.
+      denoise_fn: (x_t [B, ...], t int32 [B]) -> model output [B, ...].
+      schedule: the forward process (T = schedule.num_timesteps steps are run).
+      shape: [B, ...] of the samples, e.g. (B, H, W, C).
+      model_mean_type, model_var_type, clip_denoised, return_trajectory, trajectory_steps:
+        see `p_sample_loop`.
+
+    Returns:
+      x_0 float32 [shape], or (x_0, Trajectory) if return_trajectory.
+    """
+    shape = _check_shape(shape)
+    x_T, step_rngs = _split_rngs(rng, shape, schedule.num_timesteps, jnp.float32)
+    return p_sample_loop(
+        step_rngs,
+        denoise_fn,
+        schedule,
+        x_T,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+        return_trajectory=return_trajectory,
+        trajectory_steps=trajectory_steps,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# DDIM, Song et al. 2021.
+# --------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+    """The S = num_steps timesteps DDIM visits: distinct, increasing, the last one T-1.
+
+    "uniform": t_i = floor((i+1) T / S) - 1 (every timestep when S = T); "quadratic": t_i =
+    floor((i+1)^2 T / S^2) - 1, dense near t = 0 (Song et al. 2021 use it for CIFAR-10), pushed
+    up where needed to keep the S timesteps distinct. Both start the chain at t = T-1, where
+    x_T ~ N(0, I) is the forward process's end. Sampling runs them in reverse.
+
+    Raises:
+      ValueError: num_steps outside [1, T] or unknown spacing (naming the value).
+    """
+    T, S = int(num_timesteps), num_steps
+    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
+        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    i = np.arange(1, S + 1, dtype=np.int64)
+    if spacing == "uniform":
+        raw = i * T // S - 1
+    elif spacing == "quadratic":
+        raw = i * i * T // (S * S) - 1
+    else:
+        raise ValueError(f"unknown DDIM spacing {spacing!r}; expected one of {DDIM_SPACINGS}")
+    # t_i = max_{j <= i} (raw_j + i - j): the smallest strictly increasing sequence >= raw.
+    # raw_j <= (j+1) T/S - 1 <= T - S + j for both spacings, so t_{S-1} stays T - 1.
+    raw = np.maximum(raw, 0)
+    offsets = np.arange(S)
+    return np.maximum.accumulate(raw - offsets) + offsets
+
+
+def _check_eta(eta) -> float:
+    try:
+        value = float(eta)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"eta must be a Python number in [0, 1], got {eta!r}") from e
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    return value
+
+
+def ddim_sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    spacing: str = "uniform",
+    model_mean_type,
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+):
+    """Draws x_0 with DDIM (Song et al. 2021, Eq. 12) on S = num_steps strided timesteps.
+
+    The timesteps t_S > ... > t_1 (`ddim_timesteps`) are paired with their successors t_prev,
+    the last pair being (t_1, -1): alpha_bar = 1, i.e. x_0. eta = 0 is deterministic given x_T;
+    eta = 1 with S = T is ancestral sampling with the fixed_small variance, step for step
+    (same keys: rng -> (rng_x, rng_steps), split(rng_steps, S)[i] drives the i-th step).
+
+    Args:
+      rng: a jax.random.key.
+      denoise_fn: (x_t [B, ...], t int32 [B]) -> model output [B, ...].
+      schedule: the forward process the model was trained with.
+      shape: [B, ...] of the samples.
+      num_steps: S in [1, T] (static).
+      eta: in [0, 1] (a static Python number); 0 draws no noise at all.
+      spacing: "uniform" or "quadratic".
+      model_mean_type: diffusion.ModelMeanType (or its value).
+      clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
+      return_trajectory: also return a Trajectory of all S steps (x_t entering each step).
+
+    Returns:
+      x_0 float32 [shape], or (x_0, Trajectory) if return_trajectory.
+
+    Raises:
+      ValueError: num_steps outside [1, T], eta outside [0, 1], or an unknown spacing.
+    """
+    shape = _check_shape(shape)
+    ts_up = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+    eta = _check_eta(eta)
+    mean_type = diffusion.ModelMeanType(model_mean_type)
+
+    def step_fn(x_t, t, t_prev, rng):
+        if eta == 0.0:  # sigma_t = 0: skip drawing noise that would be multiplied by 0
+            noise = jnp.zeros_like(x_t)
+        else:
+            noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
+        return diffusion.ddim_step(
+            schedule,
+            _model_output(denoise_fn, x_t, t),
+            x_t,
+            t,
+            t_prev,
+            noise,
+            eta=eta,
+            model_mean_type=mean_type,
+            clip_denoised=clip_denoised,
+        )
+
+    ts = ts_up[::-1]
+    t_prevs = np.append(ts[1:], -1)
+    x_T, step_rngs = _split_rngs(rng, shape, len(ts), jnp.float32)
+    return _run_chain(step_fn, x_T, ts, t_prevs, step_rngs, ts if return_trajectory else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Models, labels and devices.
+# --------------------------------------------------------------------------------------------
+
+
+def make_denoise_fn(apply_fn: Callable, params, *, labels: jax.Array | None = None) -> DenoiseFn:
+    """Closes flax params (and class labels) into denoise_fn(x_t, t) for the samplers.
+
+    Args:
+      apply_fn: a flax `Module.apply`, called as apply_fn({"params": params}, x_t, t[, labels],
+        train=False) (labels are passed only when given).
+      params: the parameter tree (e.g. the EMA parameters).
+      labels: int32 [B] class labels for class-conditional sampling; see `sample_labels`.
+    """
+
+    def denoise_fn(x_t, t):
+        variables = {"params": params}
+        if labels is None:
+            return apply_fn(variables, x_t, t, train=False)
+        return apply_fn(variables, x_t, t, labels, train=False)
+
+    return denoise_fn
+
+
+def sample_labels(rng: jax.Array, batch_size: int, num_classes: int) -> jax.Array:
+    """Class labels int32 [batch_size], uniform over {0, ..., num_classes-1}."""
+    return jax.random.randint(rng, (batch_size,), 0, num_classes, dtype=jnp.int32)
+
+
+def to_uint8(x) -> jax.Array:
+    """[-1, 1] floats -> uint8 [0, 255]: round(clip((x + 1) * 127.5, 0, 255))."""
+    return jnp.round(jnp.clip((jnp.asarray(x) + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def local_device_indices() -> np.ndarray:
+    """Global indices of this host's devices: process_index * local_device_count + [0, n)."""
+    n = jax.local_device_count()
+    return jax.process_index() * n + np.arange(n, dtype=np.int32)
+
+
+def _device_sample(
+    rng,
+    params,
+    device_index,
+    labels,
+    *,
+    apply_fn,
+    schedule,
+    shape,
+    num_classes,
+    sampler,
+    model_mean_type,
+    model_var_type,
+    clip_denoised,
+    ddim_steps,
+    ddim_eta,
+    ddim_spacing,
+):
+    """One device's batch: key fold_in(rng, device_index) -> (labels key, sampling key)."""
+    rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, device_index))
+    if labels is None and num_classes is not None:
+        labels = sample_labels(rng_labels, shape[0], num_classes)
+    denoise_fn = make_denoise_fn(apply_fn, params, labels=labels)
+    if sampler == "ddpm":
+        images = sample(
+            rng_sample,
+            denoise_fn,
+            schedule,
+            shape,
+            model_mean_type=model_mean_type,
+            model_var_type=model_var_type,
+            clip_denoised=clip_denoised,
+        )
+    else:
+        images = ddim_sample(
+            rng_sample,
+            denoise_fn,
+            schedule,
+            shape,
+            num_steps=ddim_steps,
+            eta=ddim_eta,
+            spacing=ddim_spacing,
+            model_mean_type=model_mean_type,
+            clip_denoised=clip_denoised,
+        )
+    return images, labels
+
+
+def make_pmapped_sampler(
+    apply_fn: Callable,
+    schedule: DiffusionSchedule,
+    *,
+    per_device_batch: int,
+    image_shape: Sequence[int],
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    sampler: str = "ddpm",
+    ddim_steps: int = 50,
+    ddim_eta: float = 0.0,
+    ddim_spacing: str = "uniform",
+    num_classes: int | None = None,
+) -> Callable[..., Samples]:
+    """Builds (once) a sampler that runs on every local device, pmapped over axis 'batch'.
+
+    Device d of this host samples with fold_in(rng, process_index * local_device_count + d), so
+    every host of a multi-host slice, called with the same rng, draws its own distinct part
+    (every host must make the call: a pmap is one program across hosts). Call the result with
+    fold_in(rng, batch_number) to draw batch after batch; it compiles once.
+
+    Args:
+      apply_fn, schedule: the flax apply and the forward process (see `make_denoise_fn`).
+      per_device_batch: samples per device.
+      image_shape: (H, W, C).
+      model_mean_type, model_var_type, clip_denoised: as for `sample`.
+      sampler: "ddpm" (ancestral, T steps) or "ddim" (ddim_steps, ddim_eta, ddim_spacing).
+      num_classes: for class-conditional models: labels are drawn uniformly per device unless
+        given; None for unconditional models.
+
+    Returns:
+      sample_fn(rng, params_replicated, labels=None) -> Samples(images float32 [n, H, W, C],
+      labels int32 [n] or None), n = local_device_count * per_device_batch; params_replicated
+      has a leading local-device axis (flax.jax_utils.replicate); labels, if given, is int32 [n].
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    shape = _check_shape((per_device_batch, *image_shape))
+    if sampler == "ddim":  # fail here rather than at the first call
+        ddim_timesteps(schedule.num_timesteps, ddim_steps, ddim_spacing)
+        _check_eta(ddim_eta)
+    device_fn = functools.partial(
+        _device_sample,
+        apply_fn=apply_fn,
+        schedule=schedule,
+        shape=shape,
+        num_classes=num_classes,
+        sampler=sampler,
+        model_mean_type=diffusion.ModelMeanType(model_mean_type),
+        model_var_type=diffusion.ModelVarType(model_var_type),
+        clip_denoised=clip_denoised,
+        ddim_steps=ddim_steps,
+        ddim_eta=ddim_eta,
+        ddim_spacing=ddim_spacing,
+    )
+    p_sample = jax.pmap(device_fn, axis_name="batch", in_axes=(None, 0, 0, 0))
+    num_devices = jax.local_device_count()
+
+    def sample_fn(rng, params_replicated, labels=None) -> Samples:
+        if labels is not None:
+            labels = jnp.asarray(labels, jnp.int32).reshape(num_devices, per_device_batch)
+        images, labels = p_sample(rng, params_replicated, local_device_indices(), labels)
+        images = images.reshape(num_devices * per_device_batch, *image_shape)
+        return Samples(images, None if labels is None else labels.reshape(-1))
+
+    return sample_fn
+
+
+def sample_images(
+    rng: jax.Array,
+    *,
+    apply_fn: Callable,
+    params,
+    schedule: DiffusionSchedule,
+    num_samples: int,
+    image_shape: Sequence[int],
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    sampler: str = "ddpm",
+    ddim_steps: int = 50,
+    ddim_eta: float = 0.0,
+    ddim_spacing: str = "uniform",
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """num_samples uint8 images [N, H, W, C] drawn in one call on all local devices.
+
+    A convenience for sample grids (it compiles anew on each call): for many batches build
+    `make_pmapped_sampler` once. params are unreplicated; the other arguments are as there.
+    """
+    num_devices = jax.local_device_count()
+    per_device_batch = -(-num_samples // num_devices)
+    sample_fn = make_pmapped_sampler(
+        apply_fn,
+        schedule,
+        per_device_batch=per_device_batch,
+        image_shape=image_shape,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+        sampler=sampler,
+        ddim_steps=ddim_steps,
+        ddim_eta=ddim_eta,
+        ddim_spacing=ddim_spacing,
+        num_classes=num_classes,
+    )
+    params_replicated = jax_utils.replicate(params)
+    images = sample_fn(rng, params_replicated).images
+    return np.asarray(to_uint8(images))[:num_samples]

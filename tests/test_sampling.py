@@ -1,0 +1,611 @@
+"""Tests for ddpm_jax.sampling: the samplers run against analytic denoisers, no training.
+
+For Gaussian data x_0 ~ N(mu, s^2 I) the optimal noise prediction is linear in x_t,
+    eps*(x_t, t) = sqrt(1 - ab_t) (x_t - sqrt(ab_t) mu) / (ab_t s^2 + 1 - ab_t),   ab = alpha_bar,
+so every sampler is a linear-Gaussian chain whose output moments follow from a float64
+recursion written here from the papers' equations (Eq. (11) of Ho et al. 2020, Eq. (12) of Song
+et al. 2021). The samples must match those moments to Monte-Carlo error; the recursion in turn
+says how far each sampler's law is from the data's (its discretisation bias).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from ddpm_jax import diffusion, sampling, schedules
+
+EPS = diffusion.ModelMeanType.EPSILON
+SMALL = diffusion.ModelVarType.FIXED_SMALL
+LARGE = diffusion.ModelVarType.FIXED_LARGE
+
+T = 1000  # the paper's chain length; the [10000, 2] data keep each run well under a second
+N = 10_000
+MU = np.array([0.3, -0.5])
+STD = np.array([0.5, 0.2])
+Z = 4.0  # Monte-Carlo tolerance in standard errors (two-sided p = 6e-5 per check)
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic denoisers.
+# --------------------------------------------------------------------------------------------
+
+
+def _coefs(schedule, t):
+    """(alpha_bar_t, 1 - alpha_bar_t) as [B, 1], the latter from the float64-precomputed root."""
+    return schedule.alphas_cumprod[t][:, None], schedule.sqrt_one_minus_alphas_cumprod[t][:, None]
+
+
+def gaussian_eps(schedule, mu, std):
+    """eps*(x_t, t) = E[eps | x_t] for x_0 ~ N(mu, diag(std^2)), x [B, D]."""
+    mu, var0 = jnp.asarray(mu, jnp.float32), jnp.asarray(std, jnp.float32) ** 2
+
+    def denoise_fn(x_t, t):
+        ab, sqrt_1m_ab = _coefs(schedule, t)
+        return sqrt_1m_ab * (x_t - jnp.sqrt(ab) * mu) / (ab * var0 + sqrt_1m_ab**2)
+
+    return denoise_fn
+
+
+def mixture_eps(schedule, weight, mean, std):
+    """E[eps | x_t] for x_0 ~ weight N(+mean, std^2) + (1 - weight) N(-mean, std^2), x [B, 1].
+
+    Given the component k, eps* is the Gaussian formula with mu_k; averaged over the
+    responsibilities r_k(x_t) it is that formula at the posterior mean of mu, sum_k r_k mu_k.
+    """
+    means = jnp.array([mean, -mean])
+    log_w = jnp.log(jnp.array([weight, 1.0 - weight]))
+
+    def denoise_fn(x_t, t):
+        ab, sqrt_1m_ab = _coefs(schedule, t)
+        var_t = ab * std**2 + sqrt_1m_ab**2  # the marginal variance of each component at t
+        logits = log_w - 0.5 * (x_t - jnp.sqrt(ab) * means) ** 2 / var_t  # [B, 2]
+        mu_post = jnp.sum(jax.nn.softmax(logits, axis=-1) * means, axis=-1, keepdims=True)
+        return sqrt_1m_ab * (x_t - jnp.sqrt(ab) * mu_post) / var_t
+
+    return denoise_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Exact output moments of the linear-Gaussian chains (float64, per dimension).
+# --------------------------------------------------------------------------------------------
+
+
+def _eps_coefs(ab, mu, var0):
+    """eps* = c x + d for Gaussian data."""
+    c = np.sqrt(1.0 - ab) / (ab * var0 + 1.0 - ab)
+    return c, -c * np.sqrt(ab) * mu
+
+
+def ancestral_moments(betas, mu, var0, var_type):
+    """Mean and variance of x_0 from Algorithm 2 with eps*, starting at x_T ~ N(0, 1)."""
+    alphas = 1.0 - betas
+    ab = np.cumprod(alphas)
+    ab_prev = np.append(1.0, ab[:-1])
+    m, v = np.zeros_like(mu), np.ones_like(mu)
+    for t in range(len(betas) - 1, -1, -1):
+        c, d = _eps_coefs(ab[t], mu, var0)
+        # Eq. (11): mu_theta = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t).
+        k = betas[t] / np.sqrt(1.0 - ab[t])
+        gain, shift = (1.0 - k * c) / np.sqrt(alphas[t]), -k * d / np.sqrt(alphas[t])
+        if t == 0:
+            sigma2 = 0.0
+        elif var_type is SMALL:
+            sigma2 = betas[t] * (1.0 - ab_prev[t]) / (1.0 - ab[t])  # beta-tilde, Eq. (7)
+        else:
+            sigma2 = betas[t]
+        m, v = gain * m + shift, gain**2 * v + sigma2
+    return m, v
+
+
+def ddim_moments(betas, mu, var0, timesteps, eta):
+    """Mean and variance of x_0 from DDIM (Song et al. 2021, Eq. (12)) with eps*."""
+    ab = np.cumprod(1.0 - betas)
+    m, v = np.zeros_like(mu), np.ones_like(mu)
+    for i in range(len(timesteps) - 1, -1, -1):
+        ab_t = ab[timesteps[i]]
+        ab_prev = ab[timesteps[i - 1]] if i > 0 else 1.0
+        c, d = _eps_coefs(ab_t, mu, var0)
+        # x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) = cx x_t + dx.
+        cx, dx = (
+            (1.0 - np.sqrt(1.0 - ab_t) * c) / np.sqrt(ab_t),
+            -np.sqrt(1 - ab_t) * d / np.sqrt(ab_t),
+        )
+        sigma2 = eta**2 * (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)  # Eq. (16)
+        direction = np.sqrt(1.0 - ab_prev - sigma2)
+        gain = np.sqrt(ab_prev) * cx + direction * c
+        shift = np.sqrt(ab_prev) * dx + direction * d
+        m, v = gain * m + shift, gain**2 * v + sigma2
+    return m, v
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian data: the moments of every sampler.
+# --------------------------------------------------------------------------------------------
+
+# (sampler, bound on |Var[x_0] / s^2 - 1| of the exact chain at T = 1000 / S = 50). Ancestral
+# sampling with the optimal mean is biased by O(1/T): fixed_small (beta-tilde) leaves out
+# Var(x_0 | x_t) and shrinks the variance (-1.6% / -3.7% for std 0.5 / 0.2, linear), fixed_large
+# (beta) overshoots (+0.3% / +0.9%). DDIM's 50 first-order steps shrink it by O(1/S): eta=0
+# -11% / -25% (linear), eta=1 (beta-tilde over 20-step jumps) -21% / -37%; cosine about half.
+SAMPLERS = {
+    "ddpm_fixed_small": 0.05,
+    "ddpm_fixed_large": 0.05,
+    "ddim_eta0": 0.30,
+    "ddim_eta1": 0.40,
+}
+
+
+@functools.cache
+def _gaussian_sampler(name):
+    """Jitted (rng, schedule) -> [N, 2] samples with eps*; one compile serves both schedules."""
+
+    def draw(rng, schedule):
+        denoise_fn = gaussian_eps(schedule, MU, STD)
+        kwargs = dict(model_mean_type=EPS, clip_denoised=False)
+        if name.startswith("ddpm"):
+            var_type = diffusion.ModelVarType(name.removeprefix("ddpm_"))
+            return sampling.sample(
+                rng, denoise_fn, schedule, (N, 2), model_var_type=var_type, **kwargs
+            )
+        eta = float(name[-1])
+        return sampling.ddim_sample(
+            rng, denoise_fn, schedule, (N, 2), num_steps=50, eta=eta, **kwargs
+        )
+
+    return jax.jit(draw)
+
+
+def _exact_gaussian_moments(name, betas):
+    if name.startswith("ddpm"):
+        var_type = diffusion.ModelVarType(name.removeprefix("ddpm_"))
+        return ancestral_moments(betas, MU, STD**2, var_type)
+    timesteps = sampling.ddim_timesteps(len(betas), 50)
+    return ddim_moments(betas, MU, STD**2, timesteps, float(name[-1]))
+
+
+def gaussian_errors(name, schedule_name, seed=0):
+    """Standardised errors of the sample moments vs. the exact chain's, and the chain's bias."""
+    betas = schedules.get_beta_schedule(schedule_name, T)
+    schedule = schedules.DiffusionSchedule.from_betas(betas)
+    x = np.asarray(_gaussian_sampler(name)(jax.random.key(seed), schedule), np.float64)
+    mean_exact, var_exact = _exact_gaussian_moments(name, betas)
+    se_mean = np.sqrt(var_exact / N)
+    se_var = var_exact * np.sqrt(2.0 / (N - 1))  # Gaussian samples
+    return dict(
+        z_mean=(x.mean(0) - mean_exact) / se_mean,
+        z_var=(x.var(0, ddof=1) - var_exact) / se_var,
+        z_mean_vs_data=(np.abs(x.mean(0) - MU) - np.abs(mean_exact - MU)) / se_mean,
+        z_var_vs_data=(np.abs(x.var(0, ddof=1) - STD**2) - np.abs(var_exact - STD**2)) / se_var,
+        mean_bias=mean_exact - MU,
+        var_bias=var_exact / STD**2 - 1.0,
+    )
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_gaussian_data_moments(name, schedule_name):
+    err = gaussian_errors(name, schedule_name)
+    # The sampler is the chain: its moments match the exact recursion to MC error ...
+    np.testing.assert_array_less(np.abs(err["z_mean"]), Z)
+    np.testing.assert_array_less(np.abs(err["z_var"]), Z)
+    # ... hence match (mu, s^2) to MC error plus the chain's own, computed, bias ...
+    np.testing.assert_array_less(err["z_mean_vs_data"], Z)
+    np.testing.assert_array_less(err["z_var_vs_data"], Z)
+    # ... which is small: the optimal mean is unbiased, the variance off by O(1/T) or O(1/S).
+    np.testing.assert_array_less(np.abs(err["mean_bias"]), 2e-3)
+    np.testing.assert_array_less(np.abs(err["var_bias"]), SAMPLERS[name])
+
+
+# --------------------------------------------------------------------------------------------
+# A two-mode mixture: both modes, in the right proportion.
+# --------------------------------------------------------------------------------------------
+
+W, M, S_MIX = 0.3, 0.6, 0.15  # weight of the +M mode; |mode mean|; mode std (modes 8 std apart)
+
+
+def _draw_mixture(sampler_name, schedule_name, rng):
+    schedule = schedules.make_schedule(schedule_name, T)
+    denoise_fn = mixture_eps(schedule, W, M, S_MIX)
+    kwargs = dict(model_mean_type=EPS, clip_denoised=False)
+    if sampler_name == "ddpm":
+        draw = lambda r: sampling.sample(
+            r, denoise_fn, schedule, (N, 1), model_var_type=LARGE, **kwargs
+        )
+    else:
+        draw = lambda r: sampling.ddim_sample(
+            r, denoise_fn, schedule, (N, 1), num_steps=50, **kwargs
+        )
+    return np.asarray(jax.jit(draw)(rng), np.float64)[:, 0]
+
+
+# (sampler, schedule, allowed bias of the mode means and stds). The ancestral chain (T = 1000,
+# fixed_large) is unbiased to MC error here (2e5 samples: +-0.0015 on means, +0.001 on stds);
+# 50 deterministic DDIM steps shrink each mode (2e5 samples: means -0.010 / -0.005, stds -0.006
+# / -0.009), the O(1/S) bias seen exactly for Gaussian data above. The weights are unbiased.
+MIXTURE_CASES = [("ddpm", "linear", 0.0), ("ddim", "cosine", 0.015)]
+
+
+@pytest.mark.parametrize(("sampler_name", "schedule_name", "bias"), MIXTURE_CASES)
+def test_mixture_modes(sampler_name, schedule_name, bias):
+    x = _draw_mixture(sampler_name, schedule_name, jax.random.key(1))
+    positive = x > 0
+    frac = positive.mean()
+    assert abs(frac - W) < Z * np.sqrt(W * (1 - W) / N), frac
+    for mode, mean in ((x[positive], M), (x[~positive], -M)):
+        se = S_MIX / np.sqrt(len(mode))
+        assert abs(mode.mean() - mean) < Z * se + bias, (mode.mean(), mean)
+        assert abs(mode.std(ddof=1) - S_MIX) < Z * se / np.sqrt(2) + bias, mode.std()
+
+
+# --------------------------------------------------------------------------------------------
+# Exact identities of the chain.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_denoised", [False, True])
+def test_ddim_eta1_on_all_steps_is_ancestral_fixed_small(clip_denoised):
+    """Song et al. 2021: eta = 1, S = T is DDPM with sigma^2 = beta-tilde; same keys, same draw."""
+    schedule = schedules.make_schedule("linear", 100)
+    # Modes at +-0.9: the early x_0 predictions leave [-1, 1], so clipping matters.
+    denoise_fn = mixture_eps(schedule, 0.5, 0.9, 0.1)
+    kwargs = dict(model_mean_type=EPS, clip_denoised=clip_denoised)
+    rng = jax.random.key(3)
+    ddpm = jax.jit(
+        lambda r: sampling.sample(r, denoise_fn, schedule, (256, 1), model_var_type=SMALL, **kwargs)
+    )(rng)
+    ddim = jax.jit(
+        lambda r: sampling.ddim_sample(
+            r, denoise_fn, schedule, (256, 1), num_steps=100, eta=1.0, **kwargs
+        )
+    )(rng)
+    np.testing.assert_allclose(ddim, ddpm, atol=2e-5)
+    assert np.abs(np.asarray(ddpm)).max() > 0.5  # a real sample, not a collapsed chain
+
+
+@pytest.mark.parametrize("mean_type", [diffusion.ModelMeanType.START_X, diffusion.ModelMeanType.V])
+def test_other_parameterisations_give_the_same_draw(mean_type):
+    """A network predicting x_0 or v equivalent to eps* samples exactly what eps* samples."""
+    schedule = schedules.make_schedule("cosine", 50)
+    eps_fn = gaussian_eps(schedule, MU, STD)
+
+    def converted_fn(x_t, t):
+        eps = eps_fn(x_t, t)
+        x0 = diffusion.predict_start_from_noise(schedule, x_t, t, eps)
+        if mean_type is diffusion.ModelMeanType.START_X:
+            return x0
+        return diffusion.predict_v(schedule, x0, t, eps)
+
+    rng = jax.random.key(4)
+
+    def draws(fn, mean_type):
+        kwargs = dict(model_mean_type=mean_type, clip_denoised=False)
+        ddpm = sampling.sample(rng, fn, schedule, (64, 2), model_var_type=LARGE, **kwargs)
+        ddim = sampling.ddim_sample(rng, fn, schedule, (64, 2), num_steps=10, **kwargs)
+        return ddpm, ddim
+
+    draws = jax.jit(draws, static_argnums=(0, 1))
+    for got, expected in zip(draws(converted_fn, mean_type), draws(eps_fn, EPS), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys, timesteps and the traced program.
+# --------------------------------------------------------------------------------------------
+
+
+def _small_setup(num_timesteps=10):
+    schedule = schedules.make_schedule("linear", num_timesteps)
+    return schedule, gaussian_eps(schedule, MU, STD)
+
+
+def _ancestral(rng, num_timesteps=10, **kwargs):
+    schedule, denoise_fn = _small_setup(num_timesteps)
+    kwargs = dict(model_mean_type=EPS, model_var_type=LARGE) | kwargs
+    return sampling.sample(rng, denoise_fn, schedule, (8, 2), **kwargs)
+
+
+def test_keys_determine_the_samples():
+    draw = jax.jit(_ancestral)
+    a, b, c = draw(jax.random.key(0)), draw(jax.random.key(0)), draw(jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).min() > 0
+
+
+def _replace_key(keys, index, seed):
+    """keys with keys[index] replaced by a fresh key (through the raw key data)."""
+    data = np.array(jax.random.key_data(keys))
+    data[index] = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    return jax.random.wrap_key_data(jnp.asarray(data))
+
+
+def test_last_step_adds_no_noise():
+    """Algorithm 2, line 4: z = 0 at t = 1 (index 0), so the last key changes nothing."""
+    schedule, denoise_fn = _small_setup()
+    x_T = jax.random.normal(jax.random.key(0), (8, 2))
+    keys = jax.random.split(jax.random.key(1), 10)  # keys[i] is for timestep 9 - i
+    loop = jax.jit(
+        lambda keys: sampling.p_sample_loop(
+            keys, denoise_fn, schedule, x_T, model_mean_type=EPS, model_var_type=LARGE
+        )
+    )
+    base = loop(keys)
+    np.testing.assert_array_equal(loop(_replace_key(keys, 9, 7)), base)  # t = 0's key
+    assert np.abs(np.asarray(loop(_replace_key(keys, 8, 7)) - base)).min() > 0  # t = 1's key
+
+
+def _seen_timesteps(run):
+    """Runs run(denoise_fn) under jit; returns the t vectors the network was called with."""
+    seen = []
+    schedule, eps_fn = _small_setup(12)
+
+    def denoise_fn(x_t, t):
+        jax.debug.callback(lambda t: seen.append(np.asarray(t)), t, ordered=True)
+        return eps_fn(x_t, t)
+
+    jax.block_until_ready(jax.jit(lambda: run(denoise_fn, schedule))())
+    jax.effects_barrier()
+    for t in seen:
+        assert t.dtype == np.int32 and t.shape == (4,) and (t == t[0]).all()
+    return [int(t[0]) for t in seen]
+
+
+def test_network_sees_reversed_timesteps():
+    kwargs = dict(model_mean_type=EPS, clip_denoised=False)
+    ancestral = lambda fn, sched: sampling.sample(
+        jax.random.key(0), fn, sched, (4, 2), model_var_type=SMALL, **kwargs
+    )
+    assert _seen_timesteps(ancestral) == list(range(11, -1, -1))
+    ddim = lambda fn, sched: sampling.ddim_sample(
+        jax.random.key(0), fn, sched, (4, 2), num_steps=4, **kwargs
+    )
+    assert _seen_timesteps(ddim) == [11, 8, 5, 2]
+
+
+def _eqn_counts(fn):
+    """(equations of the whole program, equations of its one scan's body)."""
+    jaxpr = jax.make_jaxpr(fn)(jax.random.key(0)).jaxpr
+    scans = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert len(scans) == 1, [eqn.primitive.name for eqn in jaxpr.eqns]
+    return len(jaxpr.eqns), len(scans[0].params["jaxpr"].jaxpr.eqns)
+
+
+@pytest.mark.parametrize("return_trajectory", [False, True])
+def test_program_size_does_not_grow_with_T(return_trajectory):
+    def ancestral(num_timesteps):
+        return lambda rng: _ancestral(rng, num_timesteps, return_trajectory=return_trajectory)
+
+    def ddim(num_timesteps):
+        schedule, denoise_fn = _small_setup(num_timesteps)
+        return lambda rng: sampling.ddim_sample(
+            rng,
+            denoise_fn,
+            schedule,
+            (8, 2),
+            num_steps=num_timesteps // 2,
+            eta=0.5,
+            model_mean_type=EPS,
+            return_trajectory=return_trajectory,
+        )
+
+    assert _eqn_counts(ancestral(10)) == _eqn_counts(ancestral(1000))
+    assert _eqn_counts(ddim(10)) == _eqn_counts(ddim(1000))
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, trajectories and errors.
+# --------------------------------------------------------------------------------------------
+
+
+def test_shapes_and_dtypes():
+    schedule = schedules.make_schedule("linear", 6)
+    denoise_fn = lambda x_t, t: 0.1 * x_t
+    shape = (2, 4, 4, 3)
+    kwargs = dict(model_mean_type=EPS)
+
+    def draws(rng):
+        x = sampling.sample(rng, denoise_fn, schedule, shape, model_var_type=LARGE, **kwargs)
+        y = sampling.ddim_sample(rng, denoise_fn, schedule, shape, num_steps=3, **kwargs)
+        return x, y
+
+    for out in jax.jit(draws)(jax.random.key(0)):
+        assert out.shape == shape and out.dtype == jnp.float32
+        assert np.isfinite(np.asarray(out)).all() and np.abs(np.asarray(out)).max() <= 1.0 + 1e-6
+
+
+def test_ancestral_trajectory():
+    rng = jax.random.key(5)
+    x_0, traj = jax.jit(lambda r: _ancestral(r, return_trajectory=True))(rng)  # all 10 steps
+    assert traj.t.tolist() == list(range(9, -1, -1))
+    assert traj.x_t.shape == traj.pred_xstart.shape == (10, 8, 2)
+    x_T = jax.random.normal(jax.random.split(rng)[0], (8, 2))  # the documented key split
+    np.testing.assert_array_equal(traj.x_t[0], x_T)
+    # At index 0 the posterior mean is x0_hat itself (coef2 = 0) and no noise is added.
+    np.testing.assert_allclose(traj.pred_xstart[-1], x_0, atol=1e-6)
+
+    record = jax.jit(lambda r: _ancestral(r, return_trajectory=True, trajectory_steps=(0, 4, 9, 4)))
+    x_0b, few = record(rng)
+    np.testing.assert_array_equal(x_0b, x_0)
+    assert few.t.tolist() == [9, 4, 0] and few.x_t.shape == (3, 8, 2)
+    np.testing.assert_array_equal(few.x_t, traj.x_t[np.array([0, 5, 9])])
+    np.testing.assert_array_equal(few.pred_xstart, traj.pred_xstart[np.array([0, 5, 9])])
+
+
+def test_ddim_trajectory():
+    schedule, denoise_fn = _small_setup(12)
+    x_0, traj = sampling.ddim_sample(
+        jax.random.key(0),
+        denoise_fn,
+        schedule,
+        (8, 2),
+        num_steps=4,
+        model_mean_type=EPS,
+        return_trajectory=True,
+    )
+    assert traj.t.tolist() == [11, 8, 5, 2]
+    assert traj.x_t.shape == traj.pred_xstart.shape == (4, 8, 2)
+    np.testing.assert_allclose(traj.pred_xstart[-1], x_0, atol=1e-6)  # t_prev = -1 -> x0_hat
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(trajectory_steps=(10,)), dict(trajectory_steps=(-1,)), dict(trajectory_steps=())],
+)
+def test_trajectory_steps_errors(kwargs):
+    with pytest.raises(ValueError, match="trajectory_steps"):
+        _ancestral(jax.random.key(0), return_trajectory=True, **kwargs)
+
+
+def test_trajectory_steps_need_return_trajectory():
+    with pytest.raises(ValueError, match="return_trajectory"):
+        _ancestral(jax.random.key(0), trajectory_steps=(0,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(num_steps=0), "0"),
+        (dict(num_steps=11), "11"),
+        (dict(num_steps=2.5), "2.5"),
+        (dict(num_steps=5, eta=-0.1), "-0.1"),
+        (dict(num_steps=5, eta=1.5), "1.5"),
+        (dict(num_steps=5, spacing="cubic"), "'cubic'"),
+    ],
+)
+def test_ddim_errors(kwargs, named):
+    schedule, denoise_fn = _small_setup(10)
+    with pytest.raises(ValueError, match=named):
+        sampling.ddim_sample(
+            jax.random.key(0), denoise_fn, schedule, (2, 2), model_mean_type=EPS, **kwargs
+        )
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize(("num_timesteps", "num_steps"), [(1000, 50), (1000, 999), (7, 3), (5, 1)])
+def test_ddim_timesteps(spacing, num_timesteps, num_steps):
+    ts = sampling.ddim_timesteps(num_timesteps, num_steps, spacing)
+    assert len(ts) == num_steps and ts[0] >= 0 and ts[-1] == num_timesteps - 1
+    assert (np.diff(ts) > 0).all()
+
+
+def test_ddim_timestep_spacings():
+    for spacing in ("uniform", "quadratic"):  # S = T: every timestep
+        np.testing.assert_array_equal(sampling.ddim_timesteps(9, 9, spacing), np.arange(9))
+    np.testing.assert_array_equal(sampling.ddim_timesteps(1000, 50), np.arange(19, 1000, 20))
+    quadratic = sampling.ddim_timesteps(1000, 50, "quadratic")
+    assert quadratic[:3].tolist() == [0, 1, 2] and np.diff(quadratic)[-1] > 20
+
+
+# --------------------------------------------------------------------------------------------
+# Models, labels and devices.
+# --------------------------------------------------------------------------------------------
+
+
+class TinyDenoiser(nn.Module):
+    """A stand-in for the UNet: (x, t, y=None, *, train) -> [B, H, W, C]."""
+
+    num_classes: int | None = None
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train):
+        del train
+        out = 0.1 * nn.Dense(x.shape[-1])(x) + 1e-3 * t.astype(x.dtype)[:, None, None, None]
+        if y is not None:
+            out = out + nn.Embed(self.num_classes, x.shape[-1])(y)[:, None, None, :]
+        return out
+
+
+IMAGE_SHAPE = (4, 4, 1)
+
+
+def _tiny_model(num_classes=3):
+    model = TinyDenoiser(num_classes)
+    x, t, y = jnp.zeros((1, *IMAGE_SHAPE)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    init = jax.jit(functools.partial(model.init, train=False))
+    return model, init(jax.random.key(0), x, t, y)["params"]
+
+
+def test_make_denoise_fn_closes_over_labels():
+    model, params = _tiny_model()
+    x, t = jax.random.normal(jax.random.key(1), (3, *IMAGE_SHAPE)), jnp.array([5, 5, 5])
+    labels = jnp.array([0, 1, 2])
+    out = jax.jit(sampling.make_denoise_fn(model.apply, params, labels=labels))(x, t)
+    expected = jax.jit(functools.partial(model.apply, train=False))(
+        {"params": params}, x, t, labels
+    )
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    unconditional = jax.jit(sampling.make_denoise_fn(model.apply, params))(x, t)
+    assert not np.allclose(out, unconditional)
+    drawn = sampling.sample_labels(jax.random.key(2), 1000, 3)
+    assert drawn.dtype == jnp.int32 and set(np.unique(drawn).tolist()) == {0, 1, 2}
+
+
+def test_pmapped_sampler_one_key_per_device():
+    num_devices = jax.local_device_count()
+    assert num_devices == 8  # tests/conftest.py
+    model, params = _tiny_model()
+    schedule = schedules.make_schedule("linear", 8)
+    kwargs = dict(model_mean_type=EPS, model_var_type=LARGE)
+    sample_fn = sampling.make_pmapped_sampler(
+        model.apply, schedule, per_device_batch=2, image_shape=IMAGE_SHAPE, num_classes=3, **kwargs
+    )
+    rng = jax.random.key(9)
+    images, labels = sample_fn(rng, jax_utils.replicate(params))
+    assert images.shape == (16, *IMAGE_SHAPE) and labels.shape == (16,)
+    blocks = np.asarray(images).reshape(num_devices, -1)
+    assert len({block.tobytes() for block in blocks}) == num_devices  # every device differs
+    np.testing.assert_array_equal(sampling.local_device_indices(), np.arange(num_devices))
+
+    # Device 3 samples with fold_in(rng, 3) -> (labels key, sampling key), as documented.
+    rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, 3))
+    labels3 = sampling.sample_labels(rng_labels, 2, 3)
+    denoise_fn = sampling.make_denoise_fn(model.apply, params, labels=labels3)
+    expected = jax.jit(
+        lambda: sampling.sample(rng_sample, denoise_fn, schedule, (2, *IMAGE_SHAPE), **kwargs)
+    )()
+    np.testing.assert_array_equal(labels[6:8], labels3)
+    np.testing.assert_allclose(images[6:8], expected, atol=1e-5)
+
+    given = jnp.arange(16, dtype=jnp.int32) % 3
+    np.testing.assert_array_equal(sample_fn(rng, jax_utils.replicate(params), given).labels, given)
+
+
+def test_sample_images_uint8():
+    model, params = _tiny_model()
+    schedule = schedules.make_schedule("cosine", 6)
+    images = sampling.sample_images(
+        jax.random.key(0),
+        apply_fn=model.apply,
+        params=params,
+        schedule=schedule,
+        num_samples=10,
+        image_shape=IMAGE_SHAPE,
+        sampler="ddim",
+        ddim_steps=3,
+        model_mean_type=EPS,
+        model_var_type=LARGE,
+        num_classes=3,
+    )
+    assert isinstance(images, np.ndarray) and images.shape == (10, *IMAGE_SHAPE)
+    assert images.dtype == np.uint8
+    with pytest.raises(ValueError, match="'ancestral'"):
+        sampling.make_pmapped_sampler(
+            model.apply,
+            schedule,
+            per_device_batch=1,
+            image_shape=IMAGE_SHAPE,
+            sampler="ancestral",
+            model_mean_type=EPS,
+            model_var_type=LARGE,
+        )
+
+
+def test_to_uint8():
+    x = jnp.array([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
+    expected = [0, 0, 0, 128, 191, 255, 255]  # round((x + 1) * 127.5), clipped
+    out = sampling.to_uint8(x)
+    assert out.dtype == jnp.uint8 and out.tolist() == expected

@@ -1,0 +1,239 @@
+"""The train step and loop: pmap semantics, learning, resume, and bad input."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from ddpm_jax import checkpoint, diffusion, input_pipeline, train
+
+
+def _config(**train_overrides):
+    config = test_config.get_config()
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def _batch(config, n_devices, per_device, seed=0):
+    rng = np.random.default_rng(seed)
+    size, c = config.data.image_size, config.data.channels
+    image = rng.uniform(-1, 1, (n_devices, per_device, size, size, c)).astype(np.float32)
+    label = rng.integers(0, 10, (n_devices, per_device)).astype(np.int32)
+    return {"image": image, "label": label}
+
+
+def _step_fn(config, n_devices):
+    """A pmap-ed single step over the first `n_devices` devices."""
+    schedule = train.create_schedule(config)
+    step = functools.partial(
+        train.train_step,
+        schedule=schedule,
+        model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
+        loss_weighting="none",
+        min_snr_gamma=5.0,
+        ema_decay=config.train.ema_decay,
+        ema_warmup=False,
+        learning_rate_fn=train.create_learning_rate_fn(config.optim),
+        class_conditional=False,
+    )
+    return jax.pmap(
+        step, axis_name="batch", in_axes=(0, 0, None), devices=jax.devices()[:n_devices]
+    )
+
+
+def _state(config, n_devices):
+    model = train.create_model(config)
+    state = train.create_train_state(jax.random.key(0), config, model)
+    return train.replicate(state, devices=jax.devices()[:n_devices])
+
+
+def test_pmapped_step_keeps_replicas_identical_and_metrics_finite():
+    config = _config()
+    n = 8
+    state = _state(config, n)
+    step = _step_fn(config, n)
+    batch = _batch(config, n, 2)
+    for _ in range(2):
+        state, metrics = step(state, batch, jax.random.key(1))
+    for name in ("loss", "grad_norm", "learning_rate"):
+        values = np.asarray(metrics[name])
+        assert np.all(np.isfinite(values)), name
+        np.testing.assert_array_equal(values, values[0])  # pmean: every device reports the same
+    for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.ema_params):
+        leaf = np.asarray(leaf)
+        np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
+    assert int(state.step[0]) == 2
+    # The parameters moved, and the EMA lies between the initial and the current parameters.
+    init = train.create_train_state(jax.random.key(0), config, train.create_model(config))
+    moved = [
+        np.abs(np.asarray(p[0]) - np.asarray(q)).max()
+        for p, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(init.params))
+    ]
+    assert max(moved) > 0
+
+
+def test_devices_draw_different_timesteps_and_noise():
+    """Same images on every device; the per-device losses differ only through t and noise."""
+    config = _config()
+    n = 4
+    schedule = train.create_schedule(config)
+    model = train.create_model(config)
+    state = train.create_train_state(jax.random.key(0), config, model)
+
+    def per_device_loss(params, x, rng):
+        rng = jax.random.fold_in(jax.random.fold_in(rng, 0), jax.lax.axis_index("batch"))
+        t_rng, noise_rng, _ = jax.random.split(rng, 3)
+        t = jax.random.randint(t_rng, (x.shape[0],), 0, schedule.num_timesteps)
+        return t, jax.random.normal(noise_rng, x.shape)
+
+    x = np.broadcast_to(_batch(config, 1, 4)["image"], (n, 4, 8, 8, 1))
+    t, noise = jax.pmap(
+        per_device_loss, axis_name="batch", in_axes=(None, 0, None), devices=jax.devices()[:n]
+    )(state.params, x, jax.random.key(3))
+    noise = np.asarray(noise)
+    for i in range(1, n):
+        assert not np.allclose(noise[0], noise[i])
+
+
+def test_loss_falls_on_a_fixed_batch():
+    config = _config()
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 0
+    n = 2
+    state = _state(config, n)
+    step = _step_fn(config, n)
+    batch = _batch(config, n, 8, seed=3)
+    losses = []
+    for i in range(50):
+        state, metrics = step(state, batch, jax.random.key(i % 2))
+        losses.append(float(metrics["loss"][0]))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_pmap_gradient_equals_single_device_gradient_of_the_whole_batch():
+    """pmean of per-device gradients (b each, 4 devices) == gradient on one device with 4b."""
+    config = _config()
+    schedule = train.create_schedule(config)
+    model = train.create_model(config)
+    state = train.create_train_state(jax.random.key(0), config, model)
+    n, b = 4, 3
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (n * b, 8, 8, 1)).astype(np.float32)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    t = rng.integers(0, schedule.num_timesteps, (n * b,)).astype(np.int32)
+    loss = functools.partial(
+        train.diffusion_loss,
+        apply_fn=model.apply,
+        schedule=schedule,
+        labels=None,
+        dropout_rng=jax.random.key(0),
+        model_mean_type=diffusion.ModelMeanType.EPSILON,
+    )
+
+    def grad_fn(params, x, t, noise):
+        return jax.grad(lambda p: loss(p, x_start=x, t=t, noise=noise))(params)
+
+    whole = jax.jit(grad_fn)(state.params, x, t, noise)
+    split = lambda a: a.reshape((n, b) + a.shape[1:])
+    pmapped = jax.pmap(
+        lambda p, x, t, e: jax.lax.pmean(grad_fn(p, x, t, e), "batch"),
+        axis_name="batch",
+        in_axes=(None, 0, 0, 0),
+        devices=jax.devices()[:n],
+    )(state.params, split(x), split(t), split(noise))
+    for a, g in zip(jax.tree.leaves(whole), jax.tree.leaves(pmapped)):
+        np.testing.assert_allclose(np.asarray(g[0]), np.asarray(a), rtol=2e-4, atol=1e-6)
+
+
+def _leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_end_to_end_digits_writes_checkpoint_samples_and_events(tmp_path):
+    config = _config()
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == config.train.num_steps
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 6
+    pngs = os.listdir(tmp_path / "samples")
+    assert pngs == ["step_00000006.png"]
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    config = _config(num_steps=6, checkpoint_every=2, steps_per_dispatch=1)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    part = _config(num_steps=4, checkpoint_every=2)
+    train.train_and_evaluate(part, str(tmp_path / "resumed"))
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert int(resumed.step) == 6
+    _leaves_equal(full.params, resumed.params)
+    _leaves_equal(full.ema_params, resumed.ema_params)
+    _leaves_equal(full.opt_state, resumed.opt_state)
+
+
+def test_fused_steps_equal_single_steps(tmp_path):
+    """steps_per_dispatch=3 (lax.scan inside pmap) reaches the same state as 1 step per call."""
+    one = train.train_and_evaluate(_config(steps_per_dispatch=1), str(tmp_path / "one"))
+    three = train.train_and_evaluate(_config(steps_per_dispatch=3), str(tmp_path / "three"))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(three.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _nan_at(monkeypatch, bad_step):
+    """Makes the data iterator put a NaN into the batch of `bad_step`."""
+    real = input_pipeline.make_train_iterator
+
+    def poisoned(*args, start_step, **kwargs):
+        for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
+            if step == bad_step:
+                batch = dict(batch, image=batch["image"].copy())
+                batch["image"][0, 0, 0, 0, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "make_train_iterator", poisoned)
+
+
+def test_nonfinite_loss_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, bad_step=4)
+    config = _config(num_steps=6, checkpoint_every=2, log_every=1)
+    with pytest.raises(train.NonFiniteLossError, match="step 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
+
+
+def test_nonfinite_skip_mode_leaves_params_unchanged_and_counts(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, bad_step=2)
+    config = _config(num_steps=3, log_every=1)
+    config.train.nonfinite = "skip"
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.num_skipped) == 1
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    "section, field, value, message",
+    [
+        ("diffusion", "beta_schedule", "linaer", "linaer"),
+        ("diffusion", "num_timesteps", 0, "0"),
+        ("diffusion", "model_mean_type", "score", "score"),
+        ("diffusion", "model_var_type", "learned", "learned"),
+        ("train", "batch_size", 12, "batch_size=12"),
+        ("optim", "learning_rate", -1e-4, "learning_rate=-0.0001"),
+        ("train", "nonfinite", "ignore", "nonfinite='ignore'"),
+        ("sample", "sampler", "euler", "euler"),
+        ("data", "image_size", 6, "image_size=6"),
+    ],
+)
+def test_invalid_config_is_refused_before_any_work(tmp_path, section, field, value, message):
+    config = _config()
+    config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
