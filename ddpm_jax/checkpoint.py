@@ -17,12 +17,14 @@ Completeness. A step directory only ever appears complete or not at all:
   (`ocp.utils.checkpoint_steps`), not the manager's in-memory list, which already holds a step
   whose asynchronous save is still in flight. A tmp directory left by a crash is ignored, and
   removed by the next writing `Checkpointer` before its first save (`cleanup_tmp_directories`).
-  A partial save never replaces a good one: an existing step is never written again, and old
-  steps are deleted (`max_to_keep`) only after the new one is finalised, not when it failed.
+  A partial save never replaces a good one: an existing step is never written again (unless
+  `restore` found it unreadable and fell back past it: then the resumed run writes it anew), and
+  old steps are deleted (`max_to_keep`) only after the new one is finalised, not when it failed.
 
 Errors. The step directory is created synchronously (orbax 0.12 would create it in the
 background), so an unwritable path raises in `save`; errors of the background write surface from
-the next `save` that writes, `wait_until_finished`, `restore` or `close`.
+`check_for_errors` (once the write ended; the trainer calls it every log interval), the next
+`save` that writes, `wait_until_finished`, `restore` or `close`.
 
 Multi-host. Every process calls the same methods in the same order with the same step (save,
 restore, wait_until_finished, reached_preemption, close); orbax runs the barriers. Arrays that are
@@ -100,6 +102,8 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager: ocp.CheckpointManager | None = None
+        # Steps that `restore` found unreadable and skipped; `save` may write them again.
+        self._unreadable: set[int] = set()
         if not read_only:
             if self.directory.exists() and not self.directory.is_dir():
                 raise NotADirectoryError(f"Checkpoint path {self.directory} is not a directory.")
@@ -167,6 +171,8 @@ class Checkpointer:
         # Decide before converting anything, so skipped steps cost nothing.
         if not force and not manager.should_save(step):
             return False
+        if step in self._unreadable:
+            self._remove_unreadable(step, manager)
         if step in manager.all_steps() or step in self.all_steps():
             return False  # in flight, or complete on disk: never overwrite a checkpoint
         trees = {"params": params, "ema_params": ema_params, "opt_state": opt_state}
@@ -180,6 +186,16 @@ class Checkpointer:
             # force=True: the interval was checked above (checking twice would pass the
             # preemption sync point twice).
             return bool(manager.save(step, args=ocp.args.Composite(**args), force=True))
+
+    def check_for_errors(self) -> None:
+        """Raises the error of a background save that already failed; never waits.
+
+        Cheap enough to call every few steps, so that a write that failed (disk full, lost
+        permissions) stops the job at once rather than at the next checkpoint.
+        """
+        in_progress = getattr(self._manager, "is_saving_in_progress", None)
+        if in_progress is not None and not in_progress():
+            self.wait_until_finished()  # nothing left to wait for: joins and re-raises
 
     def wait_until_finished(self) -> None:
         """Blocks until the in-flight save is finalised; raises its error if it failed."""
@@ -277,6 +293,7 @@ class Checkpointer:
                 self.directory,
                 f"{type(error).__name__}: {error}" if error else "failed on another host",
             )
+            self._unreadable.add(step)
             bound = step
 
     def _restore_step(self, step: int, target, items) -> dict[str, Any]:
@@ -325,6 +342,18 @@ class Checkpointer:
         return ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _remove_unreadable(self, step: int, manager: ocp.CheckpointManager) -> None:
+        """Deletes step `step`, which `restore` could not read, so that it can be written again.
+
+        Otherwise the resumed run, which recomputes exactly that state, would skip saving it
+        ("never overwrite"), and every restart would fall back past it again.
+        """
+        self._unreadable.discard(step)
+        if step in manager.all_steps():
+            logging.warning("Replacing the unreadable checkpoint %s.", self._step_dir(step))
+            with self._resync_on_error():
+                manager.delete(step)
 
     def _step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)

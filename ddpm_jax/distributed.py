@@ -1,10 +1,17 @@
 """Multi-host start-up through JAX's own distributed runtime (TPU pods, SLURM/MPI GPU clusters).
 
-A job is multi-process when the coordinator is given explicitly (flags, or the variables
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or when the environment says so: a
-Cloud TPU VM slice with several workers, SLURM with several tasks, or Open MPI with several ranks.
-In those cases
-`jax.distributed.initialize()` auto-detects the rest.
+`maybe_initialize` calls `jax.distributed.initialize` once, before anything touches a device:
+
+* explicitly, when the coordinator is given (flags, or JAX_COORDINATOR_ADDRESS with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID): e.g. `launch/local_multiprocess.sh`;
+* by auto-detection, when the environment announces several processes: a SLURM job step
+  (`srun`) with several tasks, Open MPI (`mpirun`) with several ranks, or a GKE TPU slice with
+  several workers (TPU_WORKER_HOSTNAMES). JAX then reads the rest from the same environment;
+* always, with `distributed="on"`: for Cloud TPU VM slices, whose worker list JAX reads from the
+  GCE metadata server rather than the environment (`launch/tpu_pod.sh` passes it).
+
+Every process then runs the same program: the pmap-ed steps span all devices of all processes,
+and each process feeds its own local devices.
 """
 
 from __future__ import annotations
@@ -14,19 +21,28 @@ import os
 import jax
 from absl import logging
 
+MODES = ("auto", "on", "off")
+
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
 
 
-def _detected_multiprocess() -> bool:
-    """Whether a cluster environment announces more than one process."""
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+def detected_multiprocess() -> bool:
+    """Whether a cluster environment announces more than one process of this job."""
+    # SLURM_STEP_NUM_TASKS is set inside `srun` only: a batch script itself (SLURM_NTASKS may be
+    # > 1 there) is a single process, which would wait forever for its peers.
+    for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
         if (_env_int(name) or 1) > 1:
             return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h]) > 1
+
+
+def _is_initialized() -> bool:
+    is_initialized = getattr(jax.distributed, "is_initialized", None)  # jax >= 0.4.36
+    return bool(is_initialized and is_initialized())
 
 
 def maybe_initialize(
@@ -35,36 +51,57 @@ def maybe_initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     cpu_collectives: str | None = None,
+    distributed: str = "auto",
 ) -> bool:
     """Calls `jax.distributed.initialize` when the job is multi-process; returns whether it did.
+
+    Must run before any jax computation (and before `jax.devices()`). A second call is a no-op.
 
     Args:
       coordinator_address: "host:port" of process 0 (else JAX_COORDINATOR_ADDRESS or auto-detect).
       num_processes: total processes (else JAX_NUM_PROCESSES or auto-detect).
       process_id: this process's index (else JAX_PROCESS_ID or auto-detect).
-      cpu_collectives: "gloo" (or "mpi") for multi-process jobs on CPU devices.
+      cpu_collectives: "gloo" or "mpi": how processes with CPU devices exchange data. Default:
+        keep JAX's setting (JAX_CPU_COLLECTIVES_IMPLEMENTATION), or "gloo" where it has none.
+      distributed: "auto" (explicit settings or the environment decide), "on" (always; JAX
+        detects what is not given, e.g. on a Cloud TPU VM slice) or "off" (never).
+
+    Raises:
+      ValueError: an unknown mode, or a partial explicit setting that JAX cannot complete.
     """
+    if distributed not in MODES:
+        raise ValueError(f"distributed={distributed!r}: expected one of {MODES}")
+    if distributed == "off":
+        return False
+    if _is_initialized():
+        return True
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    explicit = coordinator_address is not None or (num_processes or 1) > 1
-    if not (explicit or _detected_multiprocess()):
+    explicit = coordinator_address is not None or num_processes is not None
+    detected = detected_multiprocess()
+    if distributed == "auto" and not (explicit or detected):
         return False
-    if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+    given = (coordinator_address, num_processes, process_id)
+    if explicit and not detected and None in given:
         raise ValueError(
             "a multi-process job needs all of coordinator_address, num_processes and process_id "
             f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})"
         )
+    if num_processes is not None and process_id is not None:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id={process_id} is not in [0, {num_processes})")
+    # The CPU client reads this when it is created, which initialize() triggers: set it first.
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if explicit:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
-    else:
-        jax.distributed.initialize()
+    elif jax.config.jax_cpu_collectives_implementation is None:  # older jax: no default
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # None values are filled in by JAX's cluster detection (TPU, SLURM, Open MPI).
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
     return True
 
 

@@ -5,10 +5,18 @@ Shard i holds global samples [i * batch_size, (i + 1) * batch_size) drawn with
 written: a rerun skips every finished shard and continues with the first missing one. Each
 shard is written to a temporary name and renamed, so a file under its final name is complete.
 Images are stored under the key "arr_0" (what FID tools read), labels under "labels".
+
+Multi-host. Every process calls `generate` with the same arguments: the sampler spans all devices
+of all hosts (device g of the job draws with `fold_in(shard key, g)`, whatever host it is on),
+each shard is gathered onto process 0, and process 0 alone writes it. So the files are the same,
+byte for byte, as those of a single-host run with as many devices, and a rerun on a different
+number of hosts resumes them. `out_dir` only needs to exist on process 0; it may be a gs:// path
+(through etils.epath: install gcsfs).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -17,26 +25,39 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import jax_utils
 
 from ddpm_jax import checkpoint, diffusion, image_grid, sampling, train
 
 
-def shard_name(index: int, *, process_index: int = 0, process_count: int = 1) -> str:
-    """The file name of shard `index` (one file per host on multi-host jobs)."""
-    suffix = f"-host{process_index:03d}of{process_count:03d}" if process_count > 1 else ""
-    return f"samples_{index:05d}{suffix}.npz"
+def shard_name(index: int) -> str:
+    """The file name of shard `index`."""
+    return f"samples_{index:05d}.npz"
+
+
+def _is_remote(path: str) -> bool:
+    """gs://, s3://, ...: an object store, where each object is written whole or not at all."""
+    return "://" in path
 
 
 def check_output_dir(out_dir: str) -> str:
     """Refuses an output path with `..` components; returns it normalised."""
     if ".." in out_dir.replace("\\", "/").split("/"):
         raise ValueError(f"--out={out_dir!r}: '..' components are not allowed")
-    return os.path.normpath(out_dir)
+    return out_dir.rstrip("/") if _is_remote(out_dir) else os.path.normpath(out_dir)
 
 
 def write_npz_atomically(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary file in the same directory, then an atomic rename."""
+    """np.savez to a temporary file in the same directory, then an atomic rename.
+
+    On an object store (gs://) the object is written in one piece instead: it appears complete.
+    """
+    if _is_remote(path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        epath.Path(path).write_bytes(buffer.getvalue())
+        return
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
     try:
@@ -53,24 +74,38 @@ def write_npz_atomically(path: str, **arrays: np.ndarray) -> None:
 
 def read_shards(out_dir: str) -> np.ndarray:
     """All finished shards of `out_dir`, concatenated in order (uint8 [N, H, W, C])."""
+    directory = epath.Path(out_dir)
     names = sorted(
-        n for n in os.listdir(out_dir) if n.startswith("samples_") and n.endswith(".npz")
+        p.name
+        for p in directory.iterdir()
+        if p.name.startswith("samples_") and p.name.endswith(".npz")
     )
     parts = []
     for name in names:
-        with np.load(os.path.join(out_dir, name), allow_pickle=False) as f:
-            parts.append(f["arr_0"])
+        with (directory / name).open("rb") as f, np.load(f, allow_pickle=False) as shard:
+            parts.append(shard["arr_0"])
     return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
 
 
-def _all_hosts_agree(flag: bool) -> bool:
-    """True when `flag` holds on every host (a shard is skipped only if every host has it)."""
+def _from_process_zero(flag: bool) -> bool:
+    """Process 0's `flag` on every host (process 0 alone reads and writes the shards)."""
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-    return bool(np.all(flags))
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def _gather_hosts(x: jax.Array | None) -> np.ndarray | None:
+    """This host's rows [n, ...] -> all hosts' rows [process_count * n, ...], in process order."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def generate(
@@ -103,7 +138,9 @@ def generate(
     ddim_eta = config.sample.ddim_eta if ddim_eta is None else ddim_eta
     tag = "ddpm" if sampler == "ddpm" else f"ddim{ddim_steps}-eta{ddim_eta:g}"
     out_dir = check_output_dir(out_dir or os.path.join(workdir, "generated", f"{tag}-seed{seed}"))
-    os.makedirs(out_dir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     size, channels = config.data.image_size, config.data.channels
     sample_fn = sampling.make_pmapped_sampler(
@@ -121,25 +158,26 @@ def generate(
     )
     params = jax_utils.replicate(ema_params)
     rng = jax.random.key(seed)
-    host, hosts = jax.process_index(), jax.process_count()
-    local = batch_size // hosts
     num_shards = math.ceil(num_samples / batch_size)
-    progress = train.progress_bar(0, num_shards, enabled=host == 0, unit="shard")
+    progress = train.progress_bar(0, num_shards, enabled=is_main, unit="shard")
     for i in range(num_shards):
-        path = os.path.join(out_dir, shard_name(i, process_index=host, process_count=hosts))
-        if _all_hosts_agree(os.path.exists(path)):
+        path = os.path.join(out_dir, shard_name(i))
+        if _from_process_zero(is_main and epath.Path(path).exists()):
             progress.update(1)
             continue
-        samples = sample_fn(jax.random.fold_in(rng, i), params)
-        # This host holds global positions i*batch_size + host*local + [0, local).
-        keep = max(0, min(local, num_samples - i * batch_size - host * local))
-        arrays = {"arr_0": np.asarray(sampling.to_uint8(samples.images))[:keep]}
-        if samples.labels is not None:
-            arrays["labels"] = np.asarray(samples.labels)[:keep]
-        write_npz_atomically(path, **arrays)
-        if i == 0 and host == 0:
-            image_grid.save_png(arrays["arr_0"][:64], os.path.join(out_dir, "grid.png"))
+        samples = sample_fn(jax.random.fold_in(rng, i), params)  # this host's devices' rows
+        images = _gather_hosts(sampling.to_uint8(samples.images))  # [batch_size, H, W, C]
+        labels = _gather_hosts(samples.labels)
+        if is_main:
+            keep = min(batch_size, num_samples - i * batch_size)
+            arrays = {"arr_0": images[:keep]}
+            if labels is not None:
+                arrays["labels"] = labels[:keep]
+            write_npz_atomically(path, **arrays)
+            if i == 0:
+                image_grid.save_png(arrays["arr_0"][:64], os.path.join(out_dir, "grid.png"))
         progress.update(1)
     progress.close()
-    logging.info("%d samples in %d shard(s) under %s", num_samples, num_shards, out_dir)
+    if is_main:
+        logging.info("%d samples in %d shard(s) under %s", num_samples, num_shards, out_dir)
     return out_dir

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
+from etils import epath
 
 
 def make_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -36,6 +37,10 @@ def save_png(images: np.ndarray, path: str, *, scale: int | None = None) -> str:
         scale = max(1, 256 // grid.shape[1])
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    # Through epath, so that a gs:// workdir (TPU pods; needs gcsfs) works as a local one does.
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+    target.write_bytes(png.getvalue())
     return path

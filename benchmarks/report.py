@@ -1,0 +1,172 @@
+"""Writes benchmarks/RESULTS.md from the JSON files of a run (benchmarks/results/*.json).
+
+Run (run_all.sh does it last):
+  python benchmarks/report.py --results benchmarks/results --out benchmarks/RESULTS.md \
+      [--note "preliminary, noisy (shared machine)"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_util  # noqa: E402
+
+SECTIONS = (
+    ("train_throughput", "Training step (`train_throughput.py`)"),
+    ("sample_throughput", "Sampling (`sample_throughput.py`)"),
+    ("vs_pytorch", "Against PyTorch (`vs_pytorch.py`)"),
+)
+
+METHOD = """\
+## How the numbers are taken
+
+* Every case of `train_throughput.py` and `sample_throughput.py` runs in a fresh process: compile
+  times start cold (no persistent cache) and peak memory belongs to that case alone. On CPU the
+  peak is the process's peak RSS (VmHWM, reset before the timed steps), which includes the
+  JAX runtime itself (~0.5-1 GiB); on accelerators it is the device's `peak_bytes_in_use`.
+  "XLA MiB" is XLA's static estimate for the compiled step (arguments + outputs - donated
+  buffers + temporaries).
+* Throughput: steps dispatched back to back and synchronised once at the end of a window (as the
+  training loop runs), after untimed warm-up steps; the median window. "recompiles" counts XLA
+  compilations during the timed windows (0 expected).
+* FLOPs come from XLA's cost analysis: of the compiled training step (per device; the body of
+  the `steps_per_dispatch` scan counts once, so it is per step) and of the lowered forward pass.
+  MFU = FLOPs/step x steps/s / peak; the peak is the dense bf16 rate of the accelerator (H100/H200
+  989, TPU v3 123, v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s per chip) or, on CPU, the float32
+  matmul rate measured on the machine at the start of the run (so CPU MFU is relative to what
+  this CPU reaches on a large matmul, for both dtypes).
+* Sampling on CPU runs the CIFAR-10 model with a reduced T (stated in the table): the cost per step
+  does not depend on T; "img-steps/s" (images/s x steps) compares across T.
+  "scan/loop" is the library's lax.scan sampler over a host loop that calls a pmapped single step
+  once per timestep (same model, batch and devices).
+* `vs_pytorch.py` runs diffusers' UNet2DModel built by `convert.diffusers_config` with the same
+  weights (converted by `convert.from_diffusers`, which checks every tensor), in the same process,
+  on the same device, at the same batch; ours/torch > 1 means we are faster.
+* References: CIFAR-10 forward ~11.7 GFLOP per 32x32 image, a training step ~35 GFLOP per image;
+  the paper trained at 21 steps/s at batch 128 on a TPU v3-8 and sampled 256 images in 17 s there.
+"""
+
+
+def load(results_dir: str) -> dict[str, list[dict]]:
+    """benchmark name -> the payloads of its JSON files, in file-name order."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            payload = json.load(f)
+        payload["_file"] = os.path.basename(path)
+        found.setdefault(payload.get("benchmark", "?"), []).append(payload)
+    return found
+
+
+def machine_section(found: dict[str, list[dict]]) -> str:
+    lines = ["## Machine", "", "| | |", "|---|---|"]
+    first = next((p for name, _ in SECTIONS for p in found.get(name, [])), None)
+    if first is None:
+        return "\n".join(lines + ["| (no results) | |"])
+    env = first["env"]
+    lines.append(f"| date (UTC) | {env['date']} |")
+    lines.append(f"| CPU | {env['cpu']}, {env['cpu_count']} cores |")
+    lines.append(f"| devices | {env['backend']} x{env['local_devices']} ({env['device_kind']}) |")
+    for name, _ in SECTIONS:
+        for payload in found.get(name, []):
+            versions = ", ".join(f"{k} {v}" for k, v in payload["env"]["versions"].items() if v)
+            load_avg = payload["env"].get("load_avg_1min")
+            load_text = f"; 1-min load average at start {load_avg:.1f}" if load_avg else ""
+            peak = payload.get("peak_source")
+            peak_text = f"; MFU peak: {peak}" if peak else ""
+            lines.append(f"| `{payload['_file']}` | {versions}{load_text}{peak_text} |")
+    return "\n".join(lines)
+
+
+def settings_line(payload: dict) -> str:
+    s = payload.get("settings", {})
+    keys = ("batch", "steps", "steps_per_dispatch", "warmup", "iters", "repeats", "quick")
+    parts = [f"{k}={s[k]}" for k in keys if k in s]
+    for flag in ("bf16", "torch_compile", "jax_step", "dtype", "host_batch", "gpu_paper"):
+        if s.get(flag) not in (None, False):
+            parts.append(f"{flag}={s[flag]}")
+    return f"`{payload['_file']}`: " + ", ".join(parts)
+
+
+def benchmark_section(title: str, payloads: list[dict]) -> str:
+    rows = [row for p in payloads for row in p["rows"]]
+    columns = [tuple(c) for c in payloads[0]["columns"]]
+    out = [f"## {title}", ""]
+    out += [f"- {settings_line(p)}" for p in payloads]
+    out += ["", bench_util.format_table(rows, columns)]
+    errors = [r for r in rows if "error" in r]
+    out += [f"\n- error in {_case_name(r)}: {r['error'][:300]}" for r in errors]
+    return "\n".join(out)
+
+
+def _case_name(row: dict) -> str:
+    keys = ("model", "dtype", "variant", "sampler", "what")
+    return " ".join(str(row[k]) for k in keys if k in row)
+
+
+def scan_penalty(found: dict[str, list[dict]]) -> str:
+    """library / unfused step time for each (model, dtype) measured both ways, if any."""
+    rows = [r for p in found.get("train_throughput", []) for r in p["rows"] if "step_ms" in r]
+    by_key = {(r["model"], r["dtype"], r["variant"], r["global_batch"]): r for r in rows}
+    lines = []
+    for (model, dtype, variant, batch), row in sorted(by_key.items()):
+        other = by_key.get((model, dtype, "unfused", batch))
+        if variant == "library" and other:
+            lines.append(
+                f"- {model} {dtype} batch {batch}: `make_p_train_step` "
+                f"{row['step_ms']:.0f} ms/step, the same step without its lax.scan "
+                f"{other['step_ms']:.0f} ms/step "
+                f"({row['step_ms'] / other['step_ms']:.1f}x)."
+            )
+    if not lines:
+        return ""
+    head = (
+        "## The steps_per_dispatch scan on XLA:CPU\n\n"
+        "`train.make_p_train_step` always wraps the step in a `lax.scan` (also for "
+        "steps_per_dispatch = 1). On XLA:CPU the convolutions of the backward pass inside a "
+        "while loop are not rewritten to the fast (Eigen/oneDNN) layout and run in a slow "
+        "generic form (jax-ml/jax#12868); the forward pass is unaffected. Measured here:\n"
+    )
+    return head + "\n" + "\n".join(lines)
+
+
+def render(found: dict[str, list[dict]], note: str | None) -> str:
+    parts = ["# Benchmarks", ""]
+    if note:
+        parts += [f"> **{note}**", ""]
+    parts += [
+        "Regenerate with `bash benchmarks/run_all.sh` (CPU settings; about 12 minutes on 2 quiet",
+        "cores); on a GPU/TPU host run the scripts with their defaults (see each docstring).",
+        "",
+        machine_section(found),
+    ]
+    for name, title in SECTIONS:
+        if found.get(name):
+            parts += ["", benchmark_section(title, found[name])]
+    penalty = scan_penalty(found)
+    if penalty:
+        parts += ["", penalty]
+    parts += ["", METHOD]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=bench_util.DEFAULT_RESULTS_DIR)
+    parser.add_argument("--out", default=os.path.join(bench_util.HERE, "RESULTS.md"))
+    parser.add_argument("--note", default=None, help="a banner line (e.g. 'preliminary')")
+    args = parser.parse_args(argv)
+    text = render(load(args.results), args.note)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
