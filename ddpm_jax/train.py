@@ -9,6 +9,7 @@ no key and a resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -794,6 +795,9 @@ class _Writer:
         values.pop("finite", None)
         for name, value in values.items():
             self._tb.add_scalar(f"train/{name}", value, step)
+        # The same figures as JSON lines, readable without TensorBoard (benchmarks, scripts).
+        with open(os.path.join(self._workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         logging.info(
             "step %d  loss %.5f  grad_norm %.3f  lr %.2e  %.2f steps/s  %.0f images/s",
             step,
