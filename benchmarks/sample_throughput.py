@@ -212,8 +212,8 @@ def _scan(c: _Case, events: bench_util.CompileEvents) -> dict[str, Any]:
     out = {"scan_first_call_s": time.perf_counter() - start}
     out["compile_events"] = dict(events.durations)
     out["compile_s"] = sum(events.durations.values())
-    # Fresh keys for the timed calls, made now: a fold_in in the window would compile there.
-    keys = iter(jax.random.split(jax.random.key(1), case["iters"] * case["repeats"]))
+    # Fresh keys for the timed calls, made (and sliced: that compiles too) before the window.
+    keys = iter(list(jax.random.split(jax.random.key(1), case["iters"] * case["repeats"])))
     events.reset()
     bench_util.reset_peak_memory()
 

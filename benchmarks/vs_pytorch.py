@@ -206,7 +206,7 @@ class _TorchSchedule:
         import torch
 
         def as_tensor(name):
-            return torch.as_tensor(np.asarray(getattr(schedule, name)), device=device)
+            return torch.tensor(np.array(getattr(schedule, name)), device=device)
 
         self.sqrt_ab = as_tensor("sqrt_alphas_cumprod")
         self.sqrt_1m_ab = as_tensor("sqrt_one_minus_alphas_cumprod")
