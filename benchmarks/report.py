@@ -85,12 +85,17 @@ def machine_section(found: dict[str, list[dict]]) -> str:
 
 
 def settings_line(payload: dict) -> str:
-    s = payload.get("settings", {})
+    s = dict(payload.get("settings", {}))
+    models = s.get("models") or bench_util.MODELS
+    for key in ("batch", "steps"):  # per-model settings: only the models that ran
+        if isinstance(s.get(key), dict):
+            s[key] = ", ".join(f"{m}={v}" for m, v in s[key].items() if m in models)
+    labels = {"batch": "per-device batch", "steps": "T"}
     keys = ("batch", "steps", "steps_per_dispatch", "warmup", "iters", "repeats", "quick")
-    parts = [f"{k}={s[k]}" for k in keys if k in s]
+    parts = [f"{labels.get(k, k)}: {s[k]}" for k in keys if s.get(k) is not None]
     for flag in ("bf16", "torch_compile", "jax_step", "dtype", "host_batch", "gpu_paper"):
         if s.get(flag) not in (None, False):
-            parts.append(f"{flag}={s[flag]}")
+            parts.append(f"{flag}: {s[flag]}")
     return f"`{payload['_file']}`: " + ", ".join(parts)
 
 

@@ -28,38 +28,39 @@ rm -f "$OUT"/*.json
 start=$(date +%s)
 step() { echo; echo "=== $* ($(($(date +%s) - start)) s)"; }
 
-step "training step: digits, both dtypes, library step and unscanned step"
+# The training step timed in the main tables: "library" is train.make_p_train_step; "unfused"
+# pmaps train.train_step without make_p_train_step's lax.scan, which XLA:CPU runs 10-70x
+# slower (RESULTS.md, "The steps_per_dispatch scan on XLA:CPU"). Set TRAIN_STEP=library once
+# make_p_train_step no longer puts a single step in a scan.
+TRAIN_STEP=${TRAIN_STEP:-unfused}
+
+step "training step: digits, float32 and bfloat16 ($TRAIN_STEP step)"
 # shellcheck disable=SC2046
 "$PY" benchmarks/train_throughput.py --models digits --dtypes float32,bfloat16 \
-  --variants library,unfused --out "$OUT/train_throughput_1_digits.json" \
+  --variants "$TRAIN_STEP" --out "$OUT/train_throughput_1_digits.json" \
   $(settings --per_device_batch 32 --warmup 1 --iters 3 --repeats 1)
 
-step "training step: cifar10 (35.7M), both dtypes, unscanned step"
+step "training step: cifar10 (35.7M), float32 and bfloat16 ($TRAIN_STEP step)"
 # shellcheck disable=SC2046
 "$PY" benchmarks/train_throughput.py --models cifar10 --dtypes float32,bfloat16 \
-  --variants unfused --out "$OUT/train_throughput_2_cifar10.json" \
+  --variants "$TRAIN_STEP" --out "$OUT/train_throughput_2_cifar10.json" \
   $(settings --per_device_batch 2 --warmup 1 --iters 3 --repeats 1)
 
-step "training step: cifar10, float32, library step (slow on XLA:CPU, see RESULTS.md)"
+step "training step: make_p_train_step against the unscanned step, small batches"
 # shellcheck disable=SC2046
-"$PY" benchmarks/train_throughput.py --models cifar10 --dtypes float32 \
-  --variants library --out "$OUT/train_throughput_3_cifar10_library.json" \
-  $(settings --per_device_batch 2 --warmup 0 --iters 1 --repeats 1)
+"$PY" benchmarks/train_throughput.py --models digits,cifar10 --dtypes float32 \
+  --variants library,unfused --out "$OUT/train_throughput_3_scan.json" \
+  $(settings --per_device_batch digits=8,cifar10=1 --warmup 0 --iters 1 --repeats 1)
 
 step "sampling: scan vs host loop, ancestral and DDIM-50 (cifar10 at T=100)"
 # shellcheck disable=SC2046
 "$PY" benchmarks/sample_throughput.py --out "$OUT/sample_throughput.json" \
   $(settings --per_device_batch digits=16,cifar10=1 --num_timesteps digits=1000,cifar10=100)
 
-step "against PyTorch: train and sample steps (our step without the scan)"
+step "against PyTorch: train and sample steps ($TRAIN_STEP step)"
 # shellcheck disable=SC2046
-"$TORCH_PY" benchmarks/vs_pytorch.py --jax_step unfused --out "$OUT/vs_pytorch_1.json" \
+"$TORCH_PY" benchmarks/vs_pytorch.py --jax_step "$TRAIN_STEP" --out "$OUT/vs_pytorch.json" \
   $(settings --per_device_batch digits=32,cifar10=2)
-
-step "against PyTorch: digits train step with the library's step"
-# shellcheck disable=SC2046
-"$TORCH_PY" benchmarks/vs_pytorch.py --models digits --jax_step library --skip_sample \
-  --out "$OUT/vs_pytorch_2_library.json" $(settings --per_device_batch 32)
 
 step "RESULTS.md"
 "$PY" benchmarks/report.py --results "$OUT" --out benchmarks/RESULTS.md ${NOTE:+--note "$NOTE"}

@@ -369,7 +369,7 @@ def train_step(
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updated = state.apply_gradients(grads=grads)
@@ -394,7 +394,16 @@ def train_step(
 
 
 def multi_train_step(state, batches, rng, *, step_fn):
-    """Several steps in one dispatch: `lax.scan` of `step_fn` over the leading batch axis."""
+    """Several steps in one dispatch: `lax.scan` of `step_fn` over the leading batch axis.
+
+    With one batch the step is called directly, not scanned: XLA:CPU runs the gradient
+    convolutions inside a loop body about 25x slower than outside one (jax-ml/jax#12868;
+    `benchmarks/train_throughput.py --variants library,unfused` measures it), so on CPU use
+    `steps_per_dispatch = 1`. On GPU and TPU the scan saves host round trips.
+    """
+    if jax.tree.leaves(batches)[0].shape[0] == 1:
+        state, metrics = step_fn(state, jax.tree.map(lambda x: x[0], batches), rng)
+        return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(lambda s, b: step_fn(s, b, rng), state, batches)
 
 
