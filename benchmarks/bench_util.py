@@ -68,7 +68,7 @@ def environment(extra_versions: Iterable[str] = ()) -> dict[str, Any]:
     devices = jax.local_devices()
     versions = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", *extra_versions):
-        versions[name] = _version(name)
+        versions[name] = package_version(name)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
@@ -83,7 +83,7 @@ def environment(extra_versions: Iterable[str] = ()) -> dict[str, Any]:
     }
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     from importlib import metadata
 
     try:
@@ -462,40 +462,31 @@ def mib(n: int | None) -> float | None:
 # Steps under test.
 # --------------------------------------------------------------------------------------------
 
-TRAIN_VARIANTS = ("library", "unfused")
+TRAIN_VARIANTS = ("library", "scanned")
 
 
 def make_train_step(config, schedule, variant: str = "library"):
-    """(pmapped train step, whether its batches carry a [steps] axis after the device axis).
+    """The pmapped train step under test; batches carry a [steps] axis after the device axis.
 
-    "library" is `train.make_p_train_step` (a lax.scan over steps_per_dispatch steps, pmapped).
-    "unfused" pmaps `train.train_step` itself, bound as make_p_train_step binds it: one step per
-    call, no lax.scan. It exists to measure what the scan costs (see RESULTS.md). Both map over
-    the leading axis of their arguments, so a leading axis of n uses the first n local devices.
+    "library" is `train.make_p_train_step`: one step called directly when steps_per_dispatch
+    is 1, a lax.scan over the steps otherwise. "scanned" always scans, even a single step: the
+    library's step before it learnt to skip the length-1 scan, kept to measure what a scan
+    costs on XLA:CPU (RESULTS.md). Both map over the leading axis of their arguments, so a
+    leading axis of n uses the first n local devices.
     """
-    import functools
-
     import jax
 
-    from ddpm_jax import diffusion, train
+    from ddpm_jax import train
 
     if variant == "library":
-        return train.make_p_train_step(config, schedule), True
-    if variant != "unfused":
+        return train.make_p_train_step(config, schedule)
+    if variant != "scanned":
         raise ValueError(f"unknown train step variant {variant!r}; expected {TRAIN_VARIANTS}")
-    step_fn = functools.partial(
-        train.train_step,
-        schedule=schedule,
-        model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
-        loss_weighting=config.diffusion.loss_weighting,
-        min_snr_gamma=config.diffusion.min_snr_gamma,
-        ema_decay=config.train.ema_decay,
-        ema_warmup=config.train.ema_warmup,
-        learning_rate_fn=train.create_learning_rate_fn(config.optim),
-        class_conditional=config.data.class_conditional,
+    step_fn = train.make_step_fn(config, schedule)
+    scanned = lambda state, batches, rng: jax.lax.scan(
+        lambda s, b: step_fn(s, b, rng), state, batches
     )
-    p_step = jax.pmap(step_fn, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
-    return p_step, False
+    return jax.pmap(scanned, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
 
 
 def device_batch(config, *, num_devices: int, per_device_batch: int, steps: int | None, seed=0):

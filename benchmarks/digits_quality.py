@@ -43,7 +43,23 @@ def main() -> None:
     args = parser.parse_args()
     workdir = os.path.abspath(args.workdir)
 
-    results: dict = {"workdir": workdir}
+    import datetime
+    import platform
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_util
+
+    results: dict = {
+        "benchmark": "digits_quality",
+        "workdir": workdir,
+        "env": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": bench_util.cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": bench_util.package_version("jax"),
+        },
+    }
     if not args.skip_train:
         cmd = ["train", "--config", os.path.join(REPO, "configs", "digits.py")]
         results["train_wall_s"] = _run([*cmd, "--workdir", workdir])

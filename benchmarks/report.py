@@ -53,6 +53,19 @@ METHOD = """\
 """
 
 
+GPU_TODO = """\
+Not measured yet: no GPU was lent in the sessions so far. On a GPU host (JAX with CUDA; torch,
+diffusers for the last line), with the scripts' accelerator defaults:
+
+```
+G=benchmarks/results_gpu
+python benchmarks/train_throughput.py --out $G/train_throughput.json
+python benchmarks/sample_throughput.py --gpu_paper --out $G/sample_throughput.json
+python benchmarks/vs_pytorch.py --bf16 --torch_compile --out $G/vs_pytorch.json
+python benchmarks/report.py   # renders benchmarks/results_gpu/ here
+```"""
+
+
 def load(results_dir: str) -> dict[str, list[dict]]:
     """benchmark name -> the payloads of its JSON files, in file-name order."""
     found: dict[str, list[dict]] = {}
@@ -116,47 +129,100 @@ def _case_name(row: dict) -> str:
 
 
 def scan_penalty(found: dict[str, list[dict]]) -> str:
-    """library / unfused step time for each (model, dtype) measured both ways, if any."""
+    """scanned / library step time for each (model, dtype, batch) measured both ways, if any."""
     rows = [r for p in found.get("train_throughput", []) for r in p["rows"] if "step_ms" in r]
     by_key = {(r["model"], r["dtype"], r["variant"], r["global_batch"]): r for r in rows}
     lines = []
     for (model, dtype, variant, batch), row in sorted(by_key.items()):
-        other = by_key.get((model, dtype, "unfused", batch))
-        if variant == "library" and other:
+        scanned = by_key.get((model, dtype, "scanned", batch))
+        if variant == "library" and scanned:
             lines.append(
-                f"- {model} {dtype} batch {batch}: `make_p_train_step` "
-                f"{row['step_ms']:.0f} ms/step, the same step without its lax.scan "
-                f"{other['step_ms']:.0f} ms/step "
-                f"({row['step_ms'] / other['step_ms']:.1f}x)."
+                f"- {model} {dtype} batch {batch}: one step called directly (`make_p_train_step`) "
+                f"{row['step_ms']:.0f} ms/step; the same step inside a length-1 `lax.scan` "
+                f"{scanned['step_ms']:.0f} ms/step ({scanned['step_ms'] / row['step_ms']:.1f}x)."
             )
     if not lines:
         return ""
     head = (
-        "## The steps_per_dispatch scan on XLA:CPU\n\n"
-        "`train.make_p_train_step` always wraps the step in a `lax.scan` (also for "
-        "steps_per_dispatch = 1). On XLA:CPU the convolutions of the backward pass inside a "
-        "while loop are not rewritten to the fast (Eigen/oneDNN) layout and run in a slow "
-        "generic form (jax-ml/jax#12868); the forward pass is unaffected. Measured here:\n"
+        "## A lax.scan around the train step on XLA:CPU\n\n"
+        "On XLA:CPU the backward-pass convolutions inside a while loop run in a slow generic "
+        "form (jax-ml/jax#12868); the forward pass is unaffected (the sampler's scan is fine). "
+        "`train.make_p_train_step` used to scan also for steps_per_dispatch = 1; it now calls "
+        "the step directly then, and CPU runs should keep steps_per_dispatch = 1. "
+        "Before (scanned) and after (library), measured here:\n"
     )
     return head + "\n" + "\n".join(lines)
 
 
-def render(found: dict[str, list[dict]], note: str | None) -> str:
+def digits_section(found: dict[str, list[dict]]) -> str:
+    """The digits default end to end (`digits_quality.py`), if it ran."""
+    payloads = found.get("digits_quality")
+    if not payloads:
+        return ""
+    r = payloads[-1]
+    q, nll, m = r["quality"], r["nll"], r["final_metrics"]
+    ref = q["reference"]
+    rows = [
+        ("train wall time, README command (s)", f"{r.get('train_wall_s', float('nan')):.0f}"),
+        (
+            "steps/s, images/s (last log window)",
+            f"{m['steps_per_sec']:.1f}, {m['images_per_sec']:.0f}",
+        ),
+        ("final loss (last logged)", f"{m['loss']:.4f}"),
+        (f"sample time, {q['num_samples']} samples, T=1000 (s)", f"{r['sample_wall_s']:.0f}"),
+        ("samples the classifier recognises (p > 0.9)", f"{q['confident_share']:.1%}"),
+        ("real test digits, same classifier", f"{ref['confident_share']:.1%}"),
+        (
+            "class evenness of samples / real (1 = uniform)",
+            f"{q['evenness']:.3f} / {ref['evenness']:.3f}",
+        ),
+        (f"test NLL, {nll['num_examples']} held-out digits (bits/dim)", f"{nll['bpd']:.3f}"),
+    ]
+    out = [
+        "## The digits default end to end (`digits_quality.py`)",
+        "",
+        "`python benchmarks/digits_quality.py`: the README's train command (configs/digits.py),",
+        "then `ddpm-jax sample` (1,000 EMA samples) and `ddpm-jax eval` (classifier score and",
+        "test NLL).",
+        f"Environment: {r['env']['cpu']}, {r['env']['cpu_count']} cores, jax {r['env']['jax']}, "
+        f"{r['env']['date']}.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    out += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(out)
+
+
+def render(found: dict[str, list[dict]], note: str | None, gpu: dict[str, list[dict]]) -> str:
     parts = ["# Benchmarks", ""]
     if note:
         parts += [f"> **{note}**", ""]
     parts += [
-        "Regenerate with `bash benchmarks/run_all.sh` (CPU settings; about 12 minutes on 2 quiet",
+        "Regenerate with `bash benchmarks/run_all.sh` (CPU settings; about 15 minutes on 2 quiet",
         "cores); on a GPU/TPU host run the scripts with their defaults (see each docstring).",
+        "",
+        "# CPU",
         "",
         machine_section(found),
     ]
     for name, title in SECTIONS:
         if found.get(name):
             parts += ["", benchmark_section(title, found[name])]
+    digits = digits_section(found)
+    if digits:
+        parts += ["", digits]
     penalty = scan_penalty(found)
     if penalty:
         parts += ["", penalty]
+    parts += ["", "# GPU", ""]
+    if any(gpu.get(name) for name, _ in SECTIONS):
+        parts += [machine_section(gpu)]
+        for name, title in SECTIONS:
+            if gpu.get(name):
+                parts += ["", benchmark_section(title, gpu[name])]
+    else:
+        parts += [GPU_TODO]
     parts += ["", METHOD]
     return "\n".join(parts)
 
@@ -165,9 +231,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=bench_util.DEFAULT_RESULTS_DIR)
     parser.add_argument("--out", default=os.path.join(bench_util.HERE, "RESULTS.md"))
+    parser.add_argument(
+        "--gpu_results",
+        default=os.path.join(bench_util.HERE, "results_gpu"),
+        help="JSON of the three scripts run on a GPU host (rendered in the GPU section)",
+    )
     parser.add_argument("--note", default=None, help="a banner line (e.g. 'preliminary')")
     args = parser.parse_args(argv)
-    text = render(load(args.results), args.note)
+    gpu = load(args.gpu_results) if os.path.isdir(args.gpu_results) else {}
+    text = render(load(args.results), args.note, gpu)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}", file=sys.stderr)

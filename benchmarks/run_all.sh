@@ -24,32 +24,26 @@ if [ "${1:-}" = "--quick" ]; then QUICK=(--quick); fi
 settings() { if [ ${#QUICK[@]} -eq 0 ]; then echo "$@"; else echo --quick; fi; }
 
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json
+rm -f "$OUT"/train_throughput_*.json "$OUT"/sample_throughput.json "$OUT"/vs_pytorch.json
 start=$(date +%s)
 step() { echo; echo "=== $* ($(($(date +%s) - start)) s)"; }
 
-# The training step timed in the main tables: "library" is train.make_p_train_step; "unfused"
-# pmaps train.train_step without make_p_train_step's lax.scan, which XLA:CPU runs 10-70x
-# slower (RESULTS.md, "The steps_per_dispatch scan on XLA:CPU"). Set TRAIN_STEP=library once
-# make_p_train_step no longer puts a single step in a scan.
-TRAIN_STEP=${TRAIN_STEP:-unfused}
-
-step "training step: digits, float32 and bfloat16 ($TRAIN_STEP step)"
+step "training step: digits, float32 and bfloat16"
 # shellcheck disable=SC2046
 "$PY" benchmarks/train_throughput.py --models digits --dtypes float32,bfloat16 \
-  --variants "$TRAIN_STEP" --out "$OUT/train_throughput_1_digits.json" \
+  --out "$OUT/train_throughput_1_digits.json" \
   $(settings --per_device_batch 32 --warmup 1 --iters 3 --repeats 1)
 
-step "training step: cifar10 (35.7M), float32 and bfloat16 ($TRAIN_STEP step)"
+step "training step: cifar10 (35.7M), float32 and bfloat16"
 # shellcheck disable=SC2046
 "$PY" benchmarks/train_throughput.py --models cifar10 --dtypes float32,bfloat16 \
-  --variants "$TRAIN_STEP" --out "$OUT/train_throughput_2_cifar10.json" \
+  --out "$OUT/train_throughput_2_cifar10.json" \
   $(settings --per_device_batch 2 --warmup 1 --iters 3 --repeats 1)
 
-step "training step: make_p_train_step against the unscanned step, small batches"
+step "training step: the library's step against the same step in a length-1 lax.scan"
 # shellcheck disable=SC2046
 "$PY" benchmarks/train_throughput.py --models digits,cifar10 --dtypes float32 \
-  --variants library,unfused --out "$OUT/train_throughput_3_scan.json" \
+  --variants library,scanned --out "$OUT/train_throughput_3_scan.json" \
   $(settings --per_device_batch digits=8,cifar10=1 --warmup 0 --iters 1 --repeats 1)
 
 step "sampling: scan vs host loop, ancestral and DDIM-50 (cifar10 at T=100)"
@@ -57,9 +51,9 @@ step "sampling: scan vs host loop, ancestral and DDIM-50 (cifar10 at T=100)"
 "$PY" benchmarks/sample_throughput.py --out "$OUT/sample_throughput.json" \
   $(settings --per_device_batch digits=16,cifar10=1 --num_timesteps digits=1000,cifar10=100)
 
-step "against PyTorch: train and sample steps ($TRAIN_STEP step)"
+step "against PyTorch: train and sample steps"
 # shellcheck disable=SC2046
-"$TORCH_PY" benchmarks/vs_pytorch.py --jax_step "$TRAIN_STEP" --out "$OUT/vs_pytorch.json" \
+"$TORCH_PY" benchmarks/vs_pytorch.py --out "$OUT/vs_pytorch.json" \
   $(settings --per_device_batch digits=32,cifar10=2)
 
 step "RESULTS.md"

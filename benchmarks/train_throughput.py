@@ -21,7 +21,7 @@ Run (accelerator defaults: per-device batch 128, 20 timed steps x 3):
   python benchmarks/train_throughput.py
 CPU settings of run_all.sh:
   python benchmarks/train_throughput.py --per_device_batch digits=32,cifar10=2 --iters 2 \
-      --repeats 1 --warmup 1 --variants library,unfused --out benchmarks/results/train.json
+      --repeats 1 --warmup 1 --variants library,scanned --out benchmarks/results/train.json
 Smoke test: add --quick.
 """
 
@@ -66,7 +66,8 @@ def parse_args(argv):
     parser.add_argument(
         "--variants",
         default="library",
-        help="library (train.make_p_train_step) and/or unfused (pmap of train.train_step)",
+        help="library (train.make_p_train_step) and/or scanned (the step inside a lax.scan even "
+        "for steps_per_dispatch=1: the library before the fix, see RESULTS.md)",
     )
     parser.add_argument(
         "--per_device_batch",
@@ -140,11 +141,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     pstate = train.replicate(state)
     del state
-    p_step, stacked = bench_util.make_train_step(config, schedule, case["variant"])
-    k = k if stacked else 1
-    batch = bench_util.device_batch(
-        config, num_devices=num_devices, per_device_batch=b, steps=k if stacked else None
-    )
+    p_step = bench_util.make_train_step(config, schedule, case["variant"])
+    batch = bench_util.device_batch(config, num_devices=num_devices, per_device_batch=b, steps=k)
     if case["host_batch"]:
         batch = jax.device_get(batch)
     rng = jax.random.key(1)
@@ -159,7 +157,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     row["lower_s"] = lowered_at - start
     row["compile_s"] = time.perf_counter() - start
     row["compile_events"] = dict(events.durations)
-    row.update(_step_flops(compiled, case, config, schedule, p_step, stacked, pstate, rng))
+    row.update(_step_flops(compiled, case, config, p_step, pstate, rng))
     row["fwd_gflop_per_image"] = _forward_gflop_per_image(model, config, b)
     xla_mem = bench_util.xla_memory(compiled)
     row["xla_memory"] = xla_mem
@@ -195,9 +193,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     return _rates(row, bench_util.median(times) / (case["iters"] * k), case)
 
 
-def _step_flops(compiled, case, config, schedule, p_step, stacked, pstate, rng):
+def _step_flops(compiled, case, config, p_step, pstate, rng):
     """FLOPs and bytes of one step, per device (a steps=1 compile when k > 1; see docstring)."""
-    if stacked and case["steps_per_dispatch"] > 1:
+    if case["steps_per_dispatch"] > 1:
         import jax
 
         num_devices = jax.local_device_count()

@@ -6,7 +6,7 @@ and used for our UNet too, which checks that the two are the same network, tenso
 
   * training step: q_sample at random t, the network, the MSE loss, backward, global-norm
     clipping at 1, Adam, EMA update. Ours is the pmap-ed `train.make_p_train_step` on one device
-    (`--jax_step unfused` pmaps `train.train_step` without the lax.scan; see RESULTS.md);
+    (`--jax_step scanned` puts it in a length-1 lax.scan, as before the fix in RESULTS.md);
     PyTorch's is the same sequence written out (torch.optim.Adam, torch._foreach_lerp_ EMA).
   * sampling step: one network call and one ancestral update (Algorithm 2). Ours is the body of
     the library's sampler jitted alone (bench_util.reverse_step_fn); PyTorch's is the same
@@ -150,10 +150,8 @@ def jax_train(pair: Pair, b: int, args) -> float:
     state = state.replace(params=params, ema_params=params, opt_state=state.tx.init(params))
     device = jax.local_devices()[:1]
     pstate = train.replicate(state, devices=device)
-    p_step, stacked = bench_util.make_train_step(config, pair.schedule, args.jax_step)
-    batch = bench_util.device_batch(
-        config, num_devices=1, per_device_batch=b, steps=1 if stacked else None
-    )
+    p_step = bench_util.make_train_step(config, pair.schedule, args.jax_step)
+    batch = bench_util.device_batch(config, num_devices=1, per_device_batch=b, steps=1)
     rng = jax.random.key(1)
     holder = {"state": pstate, "metrics": None}
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from ddpm_jax import checkpoint, diffusion, generate, input_pipeline, sampling, train
+from ddpm_jax import checkpoint, diffusion, files, generate, input_pipeline, sampling, train
 from ddpm_jax.schedules import DiffusionSchedule
 
 EVAL_DIR = "eval"
@@ -343,19 +342,8 @@ def result_path(workdir: str, *parts) -> str:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Writes `payload` to a temporary file beside `path`, then renames it into place."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes `payload` as JSON so that the file appears complete or not at all (gs:// too)."""
+    files.write_bytes_atomically(path, (json.dumps(payload, indent=1) + "\n").encode())
 
 
 def _resolve_step(workdir: str, step: int | None) -> int:

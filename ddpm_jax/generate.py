@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 
 import jax
 import ml_collections
@@ -28,7 +27,7 @@ from absl import logging
 from etils import epath
 from flax import jax_utils
 
-from ddpm_jax import checkpoint, diffusion, image_grid, sampling, train
+from ddpm_jax import checkpoint, diffusion, files, image_grid, sampling, train
 
 
 def shard_name(index: int) -> str:
@@ -36,40 +35,18 @@ def shard_name(index: int) -> str:
     return f"samples_{index:05d}.npz"
 
 
-def _is_remote(path: str) -> bool:
-    """gs://, s3://, ...: an object store, where each object is written whole or not at all."""
-    return "://" in path
-
-
 def check_output_dir(out_dir: str) -> str:
     """Refuses an output path with `..` components; returns it normalised."""
     if ".." in out_dir.replace("\\", "/").split("/"):
         raise ValueError(f"--out={out_dir!r}: '..' components are not allowed")
-    return out_dir.rstrip("/") if _is_remote(out_dir) else os.path.normpath(out_dir)
+    return out_dir.rstrip("/") if files.is_remote(out_dir) else os.path.normpath(out_dir)
 
 
 def write_npz_atomically(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary file in the same directory, then an atomic rename.
-
-    On an object store (gs://) the object is written in one piece instead: it appears complete.
-    """
-    if _is_remote(path):
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        epath.Path(path).write_bytes(buffer.getvalue())
-        return
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """np.savez of `arrays`, written so that the shard appears complete or not at all."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.write_bytes_atomically(path, buffer.getvalue())
 
 
 def read_shards(out_dir: str) -> np.ndarray:

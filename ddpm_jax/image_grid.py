@@ -6,7 +6,8 @@ import io
 import math
 
 import numpy as np
-from etils import epath
+
+from ddpm_jax import files
 
 
 def make_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -37,10 +38,7 @@ def save_png(images: np.ndarray, path: str, *, scale: int | None = None) -> str:
         scale = max(1, 256 // grid.shape[1])
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    # Through epath, so that a gs:// workdir (TPU pods; needs gcsfs) works as a local one does.
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     png = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
-    target.write_bytes(png.getvalue())
+    files.write_bytes_atomically(path, png.getvalue())  # also a gs:// workdir (needs gcsfs)
     return path

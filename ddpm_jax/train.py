@@ -431,9 +431,9 @@ def first_replica(tree):
     return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0], tree)
 
 
-def make_p_train_step(config: ml_collections.ConfigDict, schedule) -> Callable:
-    """The per-device step bound to the config, scanned `steps_per_dispatch` times, pmap-ed."""
-    step_fn = functools.partial(
+def make_step_fn(config: ml_collections.ConfigDict, schedule) -> Callable:
+    """`train_step` bound to the config: step(state, batch, rng) -> (state, metrics), one device."""
+    return functools.partial(
         train_step,
         schedule=schedule,
         model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
@@ -444,7 +444,15 @@ def make_p_train_step(config: ml_collections.ConfigDict, schedule) -> Callable:
         learning_rate_fn=create_learning_rate_fn(config.optim),
         class_conditional=config.data.class_conditional,
     )
-    fused = functools.partial(multi_train_step, step_fn=step_fn)
+
+
+def make_p_train_step(config: ml_collections.ConfigDict, schedule) -> Callable:
+    """The per-device step, fused over the batches' [steps] axis (`multi_train_step`), pmap-ed.
+
+    p_step(state, batches, rng): state replicated over the local devices, batches shaped
+    [devices, steps, b, H, W, C], rng the run's key (not mapped); metrics [devices, steps].
+    """
+    fused = functools.partial(multi_train_step, step_fn=make_step_fn(config, schedule))
     return jax.pmap(fused, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
 
 

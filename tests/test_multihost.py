@@ -95,6 +95,10 @@ def _result(root: Path, job: str, task: str, process: int = 0) -> dict[str, np.n
         return dict(f)
 
 
+# One xdist worker runs the module (--dist loadgroup): the jobs fixture launches them once.
+pytestmark = pytest.mark.xdist_group("multihost")
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")

@@ -54,6 +54,10 @@ REF = {
 }
 _FINALIZE = ocp.path.atomicity.AtomicRenameTemporaryPath  # the rename that completes a step
 
+# One xdist worker runs this whole module (pyproject's addopts: --dist loadgroup), so the
+# module-scoped reference run is computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 def _config(overrides: dict | None = None, **more):
     """configs/test.py with REF's and then the given "section.field" overrides."""

@@ -1,0 +1,48 @@
+"""Writing output files whole: a reader never sees a partly written one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+    """gs://, s3://, ...: an object store, where each object is written whole or not at all."""
+    return "://" in str(path)
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+    """Writes `data` to `path` (directories created) so that it appears whole or not at all.
+
+    Local files: a temporary file in the same directory, fsync-ed, given the permissions a
+    new file gets under the umask, then renamed over `path`. Object stores (gs://): one write
+    of the whole object, which is atomic there.
+    """
+    path = str(path)
+    if is_remote(path):
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
