@@ -154,6 +154,38 @@ def scan_penalty(found: dict[str, list[dict]]) -> str:
     return head + "\n" + "\n".join(lines)
 
 
+def jax_version(found: dict[str, list[dict]]) -> str:
+    """The JAX version of the PyTorch comparison (its interpreter may differ from the others)."""
+    payloads = found.get("vs_pytorch") or [{}]
+    return payloads[-1].get("env", {}).get("versions", {}).get("jax") or "?"
+
+
+def summary_section(found: dict[str, list[dict]]) -> str:
+    """The headline figures, computed from the tables below."""
+    rows = lambda name: [r for p in found.get(name, []) for r in p["rows"] if "error" not in r]
+    lines = []
+    for r in rows("train_throughput"):
+        if r.get("variant") == "library" and r.get("mfu_pct") is not None:
+            lines.append(
+                f"- train step, {r['model']} {r['dtype']}, batch {r['global_batch']}: "
+                f"{r['images_per_s']:.3g} images/s, MFU {r['mfu_pct']:.0f}%"
+            )
+    for r in rows("sample_throughput"):
+        if r.get("scan_over_loop") is not None:
+            lines.append(
+                f"- sampling, {r['model']} {r['sampler']}: lax.scan / host loop of jitted steps "
+                f"= {r['scan_over_loop']:.2f}"
+            )
+    for r in rows("vs_pytorch"):
+        lines.append(
+            f"- ours / PyTorch, {r['model']} {r['what']}, batch {r['batch']}: "
+            f"{r['ratio']:.2f} (jax {jax_version(found)})"
+        )
+    if not lines:
+        return ""
+    return "## Summary\n\n" + "\n".join(lines)
+
+
 def digits_section(found: dict[str, list[dict]]) -> str:
     """The digits default end to end (`digits_quality.py`), if it ran."""
     payloads = found.get("digits_quality")
@@ -206,6 +238,9 @@ def render(found: dict[str, list[dict]], note: str | None, gpu: dict[str, list[d
         "",
         machine_section(found),
     ]
+    summary = summary_section(found)
+    if summary:
+        parts += ["", summary]
     for name, title in SECTIONS:
         if found.get(name):
             parts += ["", benchmark_section(title, found[name])]
