@@ -422,6 +422,49 @@ def apply_prng_impl(name: str | None) -> None:
         jax.config.update("jax_default_prng_impl", name)
 
 
+def start(argv: Sequence[str], args, run_case: Callable[[dict], dict]):
+    """The first lines of every script's main: a child runs its case and returns None; the
+    parent gets (run, info): run(cases) -> rows, and the probe's environment and peak FLOP/s."""
+    import json
+
+    if args._case is not None:
+        emit_case_result(run_case(json.loads(args._case)))
+        return None
+    child_argv = strip_case_flag(argv)
+    run = lambda cases: run_cases(
+        cases, child_argv, run_case, in_process=args.in_process, timeout=args.case_timeout
+    )
+    info = run([{"probe": True, "peak_tflops": args.peak_tflops}])[0]
+    if "error" in info:
+        raise SystemExit(f"probe failed: {info['error']}")
+    return run, info
+
+
+def header(title: str, info: dict[str, Any]) -> str:
+    """`title - backend xN (device; CPU, cores), jax V; peak: ...` above a table."""
+    env = info["env"]
+    return (
+        f"{title} - {env['backend']} x{env['local_devices']} "
+        f"({env['device_kind']}; {env['cpu']}, {env['cpu_count']} cores), "
+        f"jax {env['versions']['jax']}; peak: {info['peak_source']}"
+    )
+
+
+def finish(benchmark: str, args, info: dict[str, Any], columns, rows: list[dict]) -> None:
+    """Writes the JSON payload every script writes (read by report.py)."""
+    payload = {
+        "benchmark": benchmark,
+        "env": info["env"],
+        "peak_flops": info.get("peak_flops"),
+        "peak_source": info.get("peak_source"),
+        "quick": args.quick,
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "columns": columns,
+        "rows": rows,
+    }
+    write_json(args.out, payload)
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

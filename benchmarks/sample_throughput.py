@@ -304,18 +304,10 @@ def _forward_flops_per_image(model, config, params) -> float | None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args._case is not None:
-        import json
-
-        bench_util.emit_case_result(run_case(json.loads(args._case)))
+    started = bench_util.start(argv, args, run_case)
+    if started is None:
         return
-    child_argv = bench_util.strip_case_flag(argv)
-    run = lambda cases: bench_util.run_cases(
-        cases, child_argv, run_case, in_process=args.in_process, timeout=args.case_timeout
-    )
-    info = run([{"probe": True, "peak_tflops": args.peak_tflops}])[0]
-    if "error" in info:
-        raise SystemExit(f"probe failed: {info['error']}")
+    run, info = started
     resolve_counts(args, info["env"]["backend"] == "cpu", info["num_devices"])
     cases = [
         dict(
@@ -336,12 +328,7 @@ def main(argv=None) -> None:
         for sampler in args.samplers
     ]
     rows = run(cases)
-    env = info["env"]
-    print(
-        f"\nsampling throughput - {env['backend']} x{env['local_devices']} "
-        f"({env['device_kind']}; {env['cpu']}, {env['cpu_count']} cores), "
-        f"jax {env['versions']['jax']}; peak: {info['peak_source']}\n"
-    )
+    print(f"\n{bench_util.header('sampling throughput', info)}\n")
     print(bench_util.format_table(rows, COLUMNS))
     print(f"\n{PAPER}")
     if args.gpu_paper:
@@ -351,17 +338,7 @@ def main(argv=None) -> None:
                     f"  ours, {row['sampler']} ({row['num_steps']} steps): "
                     f"{row['scan_s_per_call']:.2f} s for {row['images_per_call']} images"
                 )
-    payload = {
-        "benchmark": "sample_throughput",
-        "env": env,
-        "peak_flops": info["peak_flops"],
-        "peak_source": info["peak_source"],
-        "quick": args.quick,
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "columns": COLUMNS,
-        "rows": rows,
-    }
-    bench_util.write_json(args.out, payload)
+    bench_util.finish("sample_throughput", args, info, COLUMNS, rows)
 
 
 if __name__ == "__main__":

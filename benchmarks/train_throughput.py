@@ -247,18 +247,10 @@ def _rates(row: dict[str, Any], step_s: float, case: dict[str, Any]) -> dict[str
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args._case is not None:
-        import json
-
-        bench_util.emit_case_result(run_case(json.loads(args._case)))
+    started = bench_util.start(argv, args, run_case)
+    if started is None:
         return
-    child_argv = bench_util.strip_case_flag(argv)
-    run = lambda cases: bench_util.run_cases(
-        cases, child_argv, run_case, in_process=args.in_process, timeout=args.case_timeout
-    )
-    info = run([{"probe": True, "peak_tflops": args.peak_tflops}])[0]
-    if "error" in info:
-        raise SystemExit(f"probe failed: {info['error']}")
+    run, info = started
     resolve_counts(args, info["env"]["backend"] == "cpu")
     cases = [
         dict(
@@ -280,29 +272,10 @@ def main(argv=None) -> None:
         for variant in args.variants
     ]
     rows = run(cases)
-    print(f"\n{_header(info)}\n")
+    print(f"\n{bench_util.header('train step throughput', info)}\n")
     print(bench_util.format_table(rows, COLUMNS))
     print(f"\n{PAPER}")
-    payload = {
-        "benchmark": "train_throughput",
-        "env": info["env"],
-        "peak_flops": info["peak_flops"],
-        "peak_source": info["peak_source"],
-        "quick": args.quick,
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "columns": COLUMNS,
-        "rows": rows,
-    }
-    bench_util.write_json(args.out, payload)
-
-
-def _header(info: dict[str, Any]) -> str:
-    env = info["env"]
-    return (
-        f"train step throughput - {env['backend']} x{env['local_devices']} "
-        f"({env['device_kind']}; {env['cpu']}, {env['cpu_count']} cores), "
-        f"jax {env['versions']['jax']}; peak: {info['peak_source']}"
-    )
+    bench_util.finish("train_throughput", args, info, COLUMNS, rows)
 
 
 if __name__ == "__main__":

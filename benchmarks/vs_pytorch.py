@@ -360,15 +360,7 @@ def main(argv=None) -> None:
         f"diffusers {env['versions']['diffusers']}; {env['cpu']}, {env['cpu_count']} cores\n"
     )
     print(bench_util.format_table(rows, COLUMNS))
-    payload = {
-        "benchmark": "vs_pytorch",
-        "env": env,
-        "quick": args.quick,
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "columns": COLUMNS,
-        "rows": rows,
-    }
-    bench_util.write_json(args.out, payload)
+    bench_util.finish("vs_pytorch", args, {"env": env}, COLUMNS, rows)
 
 
 if __name__ == "__main__":
