@@ -397,8 +397,8 @@ def multi_train_step(state, batches, rng, *, step_fn):
     """Several steps in one dispatch: `lax.scan` of `step_fn` over the leading batch axis.
 
     With one batch the step is called directly, not scanned: XLA:CPU runs the gradient
-    convolutions inside a loop body about 25x slower than outside one (jax-ml/jax#12868;
-    `benchmarks/train_throughput.py --variants library,unfused` measures it), so on CPU use
+    convolutions inside a loop body 6-28x slower than outside one (jax-ml/jax#12868;
+    `benchmarks/train_throughput.py --variants library,scanned` measures it), so on CPU use
     `steps_per_dispatch = 1`. On GPU and TPU the scan saves host round trips.
     """
     if jax.tree.leaves(batches)[0].shape[0] == 1:

@@ -186,6 +186,37 @@ def test_fused_steps_equal_single_steps(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def _loop_primitives(jaxpr) -> set[str]:
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            found.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found |= _loop_primitives(sub)
+    return found
+
+
+def test_one_step_per_dispatch_runs_outside_any_loop_and_k_steps_in_one_scan():
+    """A loop around the step makes XLA:CPU's backward convolutions ~15x slower (RESULTS.md)."""
+
+    def step_fn(state, batch, rng):
+        new = state + jax.numpy.sum(batch["image"]) + jax.random.uniform(rng)
+        return new, {"loss": new}
+
+    fused = functools.partial(train.multi_train_step, step_fn=step_fn)
+    rng = jax.random.key(0)
+    for k, expected in ((1, set()), (3, {"scan"})):
+        batches = {"image": np.ones((k, 2, 4, 4, 1), np.float32)}
+        jaxpr = jax.make_jaxpr(fused)(np.float32(0), batches, rng).jaxpr
+        assert _loop_primitives(jaxpr) == expected, k
+        state, metrics = fused(np.float32(0), batches, rng)
+        assert metrics["loss"].shape == (k,)
+        np.testing.assert_allclose(metrics["loss"][-1], state)
+
+
 def _nan_at(monkeypatch, bad_step):
     """Makes the data iterator put a NaN into the batch of `bad_step`."""
     real = input_pipeline.make_train_iterator
