@@ -49,6 +49,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ddpm_jax import files
+
 CHECKPOINTS_DIR = "checkpoints"
 TREE_ITEMS = ("params", "ema_params", "opt_state")
 JSON_ITEMS = ("meta", "config")
@@ -93,7 +95,8 @@ class Checkpointer:
         read_only: never create, write or clean up anything (sample/eval jobs that read the
           checkpoints of a running trainer must not remove its in-flight tmp directory).
         """
-        self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+        # orbax refuses relative paths (`--workdir runs/digits`): made absolute here, once.
+        self.directory = epath.Path(files.absolute(workdir)) / CHECKPOINTS_DIR
         self.read_only = read_only
         self._options = _manager_options(
             max_to_keep=max_to_keep,

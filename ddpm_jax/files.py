@@ -13,6 +13,11 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def absolute(path) -> str:
+    """A local path made absolute (against the current directory); a remote one as it is."""
+    return str(path) if is_remote(str(path)) else os.path.abspath(path)
+
+
 def write_bytes_atomically(path: str, data: bytes) -> None:
     """Writes `data` to `path` (directories created) so that it appears whole or not at all.
 

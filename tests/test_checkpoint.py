@@ -102,6 +102,19 @@ def test_round_trip_is_bitwise(tmp_path):
         assert reader.read_config() == out["config"]
 
 
+def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """`--workdir runs/digits` as in the README: orbax itself refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    params = _params(0)
+    with checkpoint.Checkpointer(os.path.join("runs", "digits")) as ckpt:
+        assert _save(ckpt, 3, params)
+        ckpt.wait_until_finished()
+    assert os.path.isdir(tmp_path / "runs" / "digits" / "checkpoints" / "3")
+    with checkpoint.Checkpointer("runs/digits", read_only=True) as reader:
+        assert reader.latest_step() == 3
+        _assert_bitwise_equal(reader.restore(3)["params"], params)
+
+
 def test_keeps_the_last_k_and_respects_the_interval(tmp_path):
     params = _params()
     with checkpoint.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=2) as ckpt:
