@@ -362,6 +362,15 @@ def parse_per_model(text: str | None, defaults: dict[str, int]) -> dict[str, int
     return values
 
 
+def apply_counts(args, batch_defaults: dict[str, int], counts: tuple[int, int, int]) -> None:
+    """Sets args.batch (per model, --per_device_batch over `batch_defaults`) and the
+    (warmup, iters, repeats) not given on the command line."""
+    args.batch = parse_per_model(args.per_device_batch, batch_defaults)
+    for name, value in zip(("warmup", "iters", "repeats"), counts):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def parse_list(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]

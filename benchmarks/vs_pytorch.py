@@ -86,10 +86,7 @@ def resolve_counts(args, on_cpu: bool) -> None:
         defaults, counts = {"digits": 32, "cifar10": 2}, (3, 3, 1)
     else:
         defaults, counts = {"digits": 128, "cifar10": 128}, (5, 20, 3)
-    args.batch = bench_util.parse_per_model(args.per_device_batch, defaults)
-    for name, value in zip(("warmup", "iters", "repeats"), counts):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    bench_util.apply_counts(args, defaults, counts)
 
 
 def _time(step, sync, args) -> float:
