@@ -4,10 +4,11 @@ Run:
   python -m ddpm_jax.main train --config configs/digits.py --workdir runs/digits
 
 Expected (measured on 2 CPU cores, benchmarks/RESULTS.md): ~12 steps/s (JAX 0.12; ~8 with JAX
-0.10), 3,000 steps in 6-8 minutes including start-up and three sample grids; the loss settles near 0.07; the grids in
-runs/digits/samples/ show recognisable digits. `python benchmarks/digits_quality.py` reproduces
-the figures: a digits classifier recognises ~92% of 1,000 EMA samples with confidence > 0.9
-(97% of real test digits), all ten classes about evenly, and the test NLL is ~4.6 bits/dim.
+0.10), 3,000 steps in 6-8 minutes including start-up and three sample grids; the loss settles
+near 0.07; the grids in runs/digits/samples/ show recognisable digits.
+`python benchmarks/digits_quality.py` reproduces the figures: a digits classifier recognises ~92%
+of 1,000 EMA samples with confidence > 0.9 (97% of real test digits), all ten classes about
+evenly, and the test NLL is ~4.6 bits/dim.
 """
 
 from configs import default

@@ -25,3 +25,20 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir holding a checkpoint of the tiny test model (T = 20, untrained weights, written
+    as a pretrained one): what `sample` and `eval` read."""
+    from configs import test as test_config
+    from ddpm_jax import checkpoint, train
+
+    path = tmp_path_factory.mktemp("model")
+    config = test_config.get_config()
+    state = train.create_train_state(jax.random.key(0), config, train.create_model(config))
+    checkpoint.save_pretrained(str(path), jax.device_get(state.params), config)
+    return str(path)

@@ -22,7 +22,7 @@ from absl.testing import flagsaver
 from scipy import stats
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, diffusion, evaluation, generate, schedules, train
+from ddpm_jax import diffusion, evaluation, generate, schedules
 from ddpm_jax import main as cli
 
 T = 50
@@ -265,16 +265,6 @@ def test_result_paths_stay_inside_the_workdir(tmp_path):
     path = evaluation.result_path(str(tmp_path), "bpd", "../../etc/x[:90%]", "step3")
     assert os.path.dirname(path) == os.path.join(str(tmp_path), "eval")
     assert os.path.basename(path) == "bpd-etc_x_90-step3.json"
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A checkpoint of the tiny test model (T = 20, untrained weights)."""
-    path = tmp_path_factory.mktemp("model")
-    config = test_config.get_config()
-    state = train.create_train_state(jax.random.key(0), config, train.create_model(config))
-    checkpoint.save_pretrained(str(path), jax.device_get(state.params), config)
-    return str(path)
 
 
 def test_eval_command_prints_and_writes_the_nll(workdir, capsys):

@@ -6,24 +6,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from configs import test as test_config
-from ddpm_jax import checkpoint, generate, train
+from ddpm_jax import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A checkpoint of the tiny test model (untrained weights, written as a pretrained one)."""
-    path = tmp_path_factory.mktemp("model")
-    config = test_config.get_config()
-    state = train.create_train_state(jax.random.key(0), config, train.create_model(config))
-    checkpoint.save_pretrained(str(path), jax.device_get(state.params), config)
-    return str(path)
 
 
 def _shards(out):
