@@ -74,5 +74,6 @@ def get_config() -> ml_collections.ConfigDict:
     sample.sampler = "ddpm"  # ddpm | ddim
     sample.ddim_steps = 50
     sample.ddim_eta = 0.0
+    sample.ddim_spacing = "uniform"  # uniform | quadratic
     sample.clip_denoised = True
     return config

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 
 from configs import celebahq256, cifar10, default, digits, lsun_church256
-from ddpm_jax.models import layers, unet
+from ddpm_jax import experiment
+from ddpm_jax.models import layers
 
 # diffusers UNet2DModel options our UNet reproduces: key -> (the value we need, diffusers'
 # default when config.json omits the key).
@@ -89,12 +90,6 @@ _RESAMPLE = re.compile(r"(down|up)_(\d+)_(downsample|upsample)")
 # diffusers < 0.14 named the attention layers query/key/value/proj_attn; the hub files still do.
 _LEGACY_ATTN = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def unet_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """UNet(**kwargs) for an experiment config, as the trainer builds it (train.create_model)."""
-    num_classes = config.data.num_classes if config.data.class_conditional else None
-    return dict(_as_dict(config.model), out_ch=config.data.channels, num_classes=num_classes)
 
 
 def diffusers_config(
@@ -214,7 +209,7 @@ def apply_scheduler_config(
 def from_diffusers(
     state_dict: Mapping[str, Any], config: ml_collections.ConfigDict
 ) -> dict[str, Any]:
-    """Map a diffusers UNet2DModel state dict onto the params of `UNet(**unet_kwargs(config))`.
+    """Map a diffusers UNet2DModel state dict onto the params of `experiment.create_model(config)`.
 
     Args:
       state_dict: name -> numpy array or torch.Tensor (any float dtype), as from
@@ -230,22 +225,22 @@ def from_diffusers(
       ValueError listing every missing, extra or mis-shaped tensor.
     """
     state_dict = _rename_legacy(state_dict)
-    expected = flax.traverse_util.flatten_dict(_param_shapes(config))
+    expected = flax.traverse_util.flatten_dict(param_shapes(config))
     num_levels = len(config.model.ch_mult)
     params, missing, misshaped = {}, [], []
     for path, spec in expected.items():
-        key, torch_shape = _torch_key(path, num_levels), _torch_shape(path[-1], spec.shape)
+        key, want = torch_key(path, num_levels), torch_shape(path[-1], spec.shape)
         if key not in state_dict:
-            missing.append(f"{key} {torch_shape}")
+            missing.append(f"{key} {want}")
             continue
         value = _to_numpy(state_dict[key])
-        if value.shape != torch_shape:
-            misshaped.append(f"{key}: got {value.shape}, expected {torch_shape}")
+        if value.shape != want:
+            misshaped.append(f"{key}: got {value.shape}, expected {want}")
             continue
         if path[-1] == "kernel":  # torch (out, in[, kh, kw]) -> flax ([kh, kw,] in, out)
             value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
         params[path] = np.ascontiguousarray(value, dtype=spec.dtype)
-    used = {_torch_key(path, num_levels) for path in expected}
+    used = {torch_key(path, num_levels) for path in expected}
     extra = sorted(f"{k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in used)
     if missing or extra or misshaped:
         raise ValueError(_mismatch_message(config, missing, extra, misshaped))
@@ -283,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = apply_scheduler_config(config, json.load(f))
     params = from_diffusers(load_state_dict(unet_dir), config)
 
-    from ddpm_jax import checkpoint  # noqa: PLC0415 - orbax is only needed here
+    from ddpm_jax import train_state  # noqa: PLC0415 - orbax is only needed here
 
-    checkpoint.save_pretrained(args.out, params, config)
+    train_state.save_pretrained(args.out, params, config)
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     print(f"wrote {count:,} parameters from {unet_dir} to {args.out}")
 
@@ -386,19 +381,17 @@ def _check_blocks(diffusers_cfg: Mapping[str, Any], widths: list[int], down: lis
         )
 
 
-def _param_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def param_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The params tree of our UNet as ShapeDtypeStructs (nothing is materialised)."""
-    kwargs = unet_kwargs(config)
-    model = unet.UNet(**kwargs)
-    size, channels = config.data.image_size, config.data.channels
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    model = experiment.create_model(config)
+    x = jax.ShapeDtypeStruct((1, *experiment.image_shape(config)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = None if kwargs.get("num_classes") is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
     init = lambda rng, x, t, y: model.init(rng, x, t, y, train=False)
     return jax.eval_shape(init, jax.random.key(0), x, t, y)["params"]
 
 
-def _torch_key(path: tuple[str, ...], num_levels: int) -> str:
+def torch_key(path: tuple[str, ...], num_levels: int) -> str:
     """('up_3_block_0', 'temb_proj', 'kernel') -> 'up_blocks.0.resnets.0.time_emb_proj.weight'."""
     top, *subs, leaf = path
     parts = [_torch_module(top, num_levels)] + [_SUB.get(s, s) for s in subs]
@@ -419,7 +412,7 @@ def _torch_module(name: str, num_levels: int) -> str:
     raise ValueError(f"no diffusers name for our module {name!r}")
 
 
-def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if leaf == "kernel":
         return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
     return tuple(shape)

@@ -10,6 +10,7 @@ Shapes: x_start, x_t, noise, model_output are [B, ...] (NHWC images in [-1, 1]);
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from jax.scipy import special
 from ddpm_jax.schedules import DiffusionSchedule
 
 
-class _StrEnum(enum.Enum):
+class Choice(enum.Enum):
     """An Enum built from its string value, with an error that lists the allowed values."""
 
     @classmethod
@@ -30,7 +31,7 @@ class _StrEnum(enum.Enum):
         raise ValueError(f"{value!r} is not a valid {cls.__name__}; expected one of {allowed}")
 
 
-class ModelMeanType(_StrEnum):
+class ModelMeanType(Choice):
     """What the network predicts."""
 
     EPSILON = "epsilon"  # the noise, Eq. (11) (the paper's choice)
@@ -38,11 +39,33 @@ class ModelMeanType(_StrEnum):
     V = "v"  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, Salimans & Ho 2022
 
 
-class ModelVarType(_StrEnum):
+class ModelVarType(Choice):
     """The fixed reverse-process variance sigma_t^2 (Sec. 3.2)."""
 
     FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta-tilde_t, the posterior variance
     FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t
+
+
+class LossWeighting(Choice):
+    """Per-example weights of L_simple."""
+
+    NONE = "none"  # the paper's unweighted L_simple
+    MIN_SNR = "min_snr"  # min(SNR, gamma) / SNR for epsilon (Hang et al. 2023)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """How to read the network's output: what it predicts and the reverse variance it implies.
+
+    Strings are accepted and converted (`ModelOutput("epsilon", "fixed_large")`).
+    """
+
+    mean_type: ModelMeanType = ModelMeanType.EPSILON
+    var_type: ModelVarType = ModelVarType.FIXED_LARGE
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean_type", ModelMeanType(self.mean_type))
+        object.__setattr__(self, "var_type", ModelVarType(self.var_type))
 
 
 class PMeanVariance(NamedTuple):
@@ -425,9 +448,7 @@ def snr(schedule: DiffusionSchedule, t):
     return jnp.square(schedule.sqrt_alphas_cumprod[t] / schedule.sqrt_one_minus_alphas_cumprod[t])
 
 
-def loss_weights(
-    schedule: DiffusionSchedule, t, *, weighting: str, model_mean_type, gamma: float = 5.0
-):
+def loss_weights(schedule: DiffusionSchedule, t, *, weighting, model_mean_type, gamma: float = 5.0):
     """Per-example loss weights for L_simple.
 
     "none": ones. "min_snr": Min-SNR-gamma (Hang et al. 2023), i.e. the x_0 loss weighted by
@@ -437,7 +458,7 @@ def loss_weights(
     Args:
       schedule: the DiffusionSchedule.
       t: int [B].
-      weighting: "none" or "min_snr".
+      weighting: a LossWeighting (or its value: "none" or "min_snr").
       model_mean_type: a ModelMeanType (or its string value).
       gamma: the SNR clip of min_snr.
 
@@ -446,10 +467,9 @@ def loss_weights(
     """
     model_mean_type = ModelMeanType(model_mean_type)
     s = snr(schedule, t)
-    if weighting == "none":
+    weighting = LossWeighting(weighting)
+    if weighting is LossWeighting.NONE:
         return jnp.ones_like(s)
-    if weighting != "min_snr":
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected 'none' or 'min_snr'")
     clipped = jnp.minimum(s, gamma)
     if model_mean_type is ModelMeanType.EPSILON:
         return jnp.minimum(1.0, gamma / s)  # = min(SNR, gamma) / SNR, finite even at SNR = 0

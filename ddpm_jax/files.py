@@ -51,3 +51,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def append_text(path: str, text: str) -> None:
+    """Appends `text` to `path` (created with its directories if absent).
+
+    Local files: an append. Object stores have no append: the object is read and written again
+    whole (fine for a log of a few thousand lines).
+    """
+    path = str(path)
+    target = epath.Path(path)
+    if is_remote(path):
+        old = target.read_text() if target.exists() else ""
+        write_bytes_atomically(path, (old + text).encode())
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a") as f:
+        f.write(text)

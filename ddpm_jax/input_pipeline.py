@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
+
+from ddpm_jax import parallel
 
 Batch = dict[str, np.ndarray]
 
@@ -135,7 +136,7 @@ def load_source(config_data, split: str | None = None) -> ArraySource | TfdsSour
     """
     split = config_data.split if split is None else split
     if config_data.name == "digits":
-        source = _digits_source(split)
+        source = digits_source(split)
     else:
         source = _tfds_source(config_data, split)
     _check_matches_config(source.info, config_data)
@@ -170,7 +171,8 @@ def digits_split_indices(split: str) -> np.ndarray:
     return np.sort(chosen)
 
 
-def _digits_source(split: str) -> ArraySource:
+def digits_source(split: str) -> ArraySource:
+    """The built-in digits split "train", "test" or "all" (uint8 [N, 8, 8, 1], labels [N])."""
     images, labels = _digits_arrays()
     idx = digits_split_indices(split)
     return ArraySource(images[idx], labels[idx], num_classes=10)
@@ -416,19 +418,6 @@ def make_eval_iterator(
     )
 
 
-def device_put_batch(batch: Batch, devices: Sequence[jax.Device] | None = None) -> dict:
-    """Puts each [D, ...] array on the D local devices, slice i on device i (for a pmap-ed step).
-
-    This is what the deprecated (and, by jax 0.10, removed) `jax.device_put_sharded` did: a
-    NamedSharding over a 1-D mesh of the devices, splitting axis 0. pmap takes such arrays with
-    no further copy. Works on jax 0.10 and 0.12. Keep int64 arrays out (without x64 they would be
-    cast to int32).
-    """
-    devices = jax.local_devices() if devices is None else list(devices)
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
-    return jax.device_put(batch, sharding)
-
-
 class _Layout(NamedTuple):
     host: dict[str, int]  # host_slice's keyword arguments
     devices: int  # local device count
@@ -489,7 +478,7 @@ def _iterate(make_batch, steps: Iterable[int], source, *, prefetch: int, device_
     def produce(step: int) -> Batch:
         batch = make_batch(step, pool)
         if device_put:
-            on_device = device_put_batch({k: v for k, v in batch.items() if k != "index"})
+            on_device = parallel.put_sharded({k: v for k, v in batch.items() if k != "index"})
             batch = {**batch, **on_device}
         return batch
 

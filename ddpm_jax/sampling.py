@@ -24,6 +24,7 @@ Typical use (jit once, call many times; params go in as an argument, not baked-i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -31,9 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import jax_utils
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, parallel
 from ddpm_jax.schedules import DiffusionSchedule
 
 # denoise_fn(x_t [B, ...] float, t [B] int32) -> model_output [B, ...] (eps, x_0 or v).
@@ -41,8 +41,52 @@ DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 # step_fn(x_t, t [B], t_prev [B], rng) -> (x_prev, pred_xstart): one reverse step, network inside.
 _StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-DDIM_SPACINGS = ("uniform", "quadratic")
-SAMPLERS = ("ddpm", "ddim")
+
+class Sampler(diffusion.Choice):
+    """Which reverse chain to run."""
+
+    ANCESTRAL = "ddpm"  # Algorithm 2 of Ho et al. 2020: all T steps
+    DDIM = "ddim"  # Song et al. 2021: `steps` strided steps, noise scaled by eta
+
+
+class Spacing(diffusion.Choice):
+    """How a few-step sampler picks its timesteps out of the T of training."""
+
+    UNIFORM = "uniform"
+    QUADRATIC = "quadratic"  # dense near t = 0 (Song et al. 2021, CIFAR-10)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Everything that chooses a sampler: built once, handed to `make_pmapped_sampler` / `draw`.
+
+    steps, eta and spacing are read by the few-step samplers (DDIM) and ignored by the ancestral
+    one, which always runs all T steps. Strings are converted to the enums.
+    """
+
+    sampler: Sampler = Sampler.ANCESTRAL
+    steps: int = 50
+    eta: float = 0.0
+    spacing: Spacing = Spacing.UNIFORM
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "sampler", Sampler(self.sampler))
+        object.__setattr__(self, "spacing", Spacing(self.spacing))
+
+    def validate(self, num_timesteps: int) -> SamplerSpec:
+        """Raises ValueError naming a field the schedule cannot run; returns self."""
+        if self.sampler is Sampler.DDIM:
+            ddim_timesteps(num_timesteps, self.steps, self.spacing)
+            _check_eta(self.eta)
+        return self
+
+    @property
+    def tag(self) -> str:
+        """A short name for output directories: "ddpm", "ddim50-eta0"."""
+        if self.sampler is Sampler.ANCESTRAL:
+            return "ddpm"
+        return f"ddim{self.steps}-eta{self.eta:g}"
 
 
 class Trajectory(NamedTuple):
@@ -267,7 +311,7 @@ def sample(
 # --------------------------------------------------------------------------------------------
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing=Spacing.UNIFORM) -> np.ndarray:
     """The S = num_steps timesteps DDIM visits: distinct, increasing, the last one T-1.
 
     "uniform": t_i = floor((i+1) T / S) - 1 (every timestep when S = T); "quadratic": t_i =
@@ -282,12 +326,10 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
         raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
     i = np.arange(1, S + 1, dtype=np.int64)
-    if spacing == "uniform":
+    if Spacing(spacing) is Spacing.UNIFORM:
         raw = i * T // S - 1
-    elif spacing == "quadratic":
-        raw = i * i * T // (S * S) - 1
     else:
-        raise ValueError(f"unknown DDIM spacing {spacing!r}; expected one of {DDIM_SPACINGS}")
+        raw = i * i * T // (S * S) - 1
     # t_i = max_{j <= i} (raw_j + i - j): the smallest strictly increasing sequence >= raw.
     # raw_j <= (j+1) T/S - 1 <= T - S + j for both spacings, so t_{S-1} stays T - 1.
     raw = np.maximum(raw, 0)
@@ -313,7 +355,7 @@ def ddim_sample(
     *,
     num_steps: int,
     eta: float = 0.0,
-    spacing: str = "uniform",
+    spacing=Spacing.UNIFORM,
     model_mean_type,
     clip_denoised: bool = True,
     return_trajectory: bool = False,
@@ -332,7 +374,7 @@ def ddim_sample(
       shape: [B, ...] of the samples.
       num_steps: S in [1, T] (static).
       eta: in [0, 1] (a static Python number); 0 draws no noise at all.
-      spacing: "uniform" or "quadratic".
+      spacing: a Spacing (or "uniform" / "quadratic").
       model_mean_type: diffusion.ModelMeanType (or its value).
       clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
       return_trajectory: also return a Trajectory of all S steps (x_t entering each step).
@@ -395,6 +437,39 @@ def make_denoise_fn(apply_fn: Callable, params, *, labels: jax.Array | None = No
     return denoise_fn
 
 
+def draw(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    spec: SamplerSpec,
+    output: diffusion.ModelOutput,
+) -> jax.Array:
+    """x_0 [shape] from the sampler `spec` names (one lax.scan; wrap in jit or pmap)."""
+    if spec.sampler is Sampler.ANCESTRAL:
+        return sample(
+            rng,
+            denoise_fn,
+            schedule,
+            shape,
+            model_mean_type=output.mean_type,
+            model_var_type=output.var_type,
+            clip_denoised=spec.clip_denoised,
+        )
+    return ddim_sample(
+        rng,
+        denoise_fn,
+        schedule,
+        shape,
+        num_steps=spec.steps,
+        eta=spec.eta,
+        spacing=spec.spacing,
+        model_mean_type=output.mean_type,
+        clip_denoised=spec.clip_denoised,
+    )
+
+
 def sample_labels(rng: jax.Array, batch_size: int, num_classes: int) -> jax.Array:
     """Class labels int32 [batch_size], uniform over {0, ..., num_classes-1}."""
     return jax.random.randint(rng, (batch_size,), 0, num_classes, dtype=jnp.int32)
@@ -405,76 +480,29 @@ def to_uint8(x) -> jax.Array:
     return jnp.round(jnp.clip((jnp.asarray(x) + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
 
 
-def local_device_indices() -> np.ndarray:
-    """Global indices of this host's devices: process_index * local_device_count + [0, n)."""
-    n = jax.local_device_count()
-    return jax.process_index() * n + np.arange(n, dtype=np.int32)
-
-
 def _device_sample(
-    rng,
-    params,
-    device_index,
-    labels,
-    *,
-    apply_fn,
-    schedule,
-    shape,
-    num_classes,
-    sampler,
-    model_mean_type,
-    model_var_type,
-    clip_denoised,
-    ddim_steps,
-    ddim_eta,
-    ddim_spacing,
+    rng, params, device_index, labels, *, apply_fn, schedule, shape, num_classes, spec, output
 ):
     """One device's batch: key fold_in(rng, device_index) -> (labels key, sampling key)."""
     rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, device_index))
     if labels is None and num_classes is not None:
         labels = sample_labels(rng_labels, shape[0], num_classes)
     denoise_fn = make_denoise_fn(apply_fn, params, labels=labels)
-    if sampler == "ddpm":
-        images = sample(
-            rng_sample,
-            denoise_fn,
-            schedule,
-            shape,
-            model_mean_type=model_mean_type,
-            model_var_type=model_var_type,
-            clip_denoised=clip_denoised,
-        )
-    else:
-        images = ddim_sample(
-            rng_sample,
-            denoise_fn,
-            schedule,
-            shape,
-            num_steps=ddim_steps,
-            eta=ddim_eta,
-            spacing=ddim_spacing,
-            model_mean_type=model_mean_type,
-            clip_denoised=clip_denoised,
-        )
+    images = draw(rng_sample, denoise_fn, schedule, shape, spec=spec, output=output)
     return images, labels
 
 
 def make_pmapped_sampler(
     apply_fn: Callable,
     schedule: DiffusionSchedule,
+    spec: SamplerSpec,
+    output: diffusion.ModelOutput,
     *,
     per_device_batch: int,
     image_shape: Sequence[int],
-    model_mean_type,
-    model_var_type,
-    clip_denoised: bool = True,
-    sampler: str = "ddpm",
-    ddim_steps: int = 50,
-    ddim_eta: float = 0.0,
-    ddim_spacing: str = "uniform",
     num_classes: int | None = None,
 ) -> Callable[..., Samples]:
-    """Builds (once) a sampler that runs on every local device, pmapped over axis 'batch'.
+    """Builds (once) a sampler that runs on every local device, pmapped over `parallel.AXIS`.
 
     Device d of this host samples with fold_in(rng, process_index * local_device_count + d), so
     every host of a multi-host slice, called with the same rng, draws its own distinct part
@@ -483,89 +511,37 @@ def make_pmapped_sampler(
 
     Args:
       apply_fn, schedule: the flax apply and the forward process (see `make_denoise_fn`).
+      spec: which sampler, its steps, eta, spacing and clipping.
+      output: how to read the network's output (mean and variance types).
       per_device_batch: samples per device.
       image_shape: (H, W, C).
-      model_mean_type, model_var_type, clip_denoised: as for `sample`.
-      sampler: "ddpm" (ancestral, T steps) or "ddim" (ddim_steps, ddim_eta, ddim_spacing).
       num_classes: for class-conditional models: labels are drawn uniformly per device unless
         given; None for unconditional models.
 
     Returns:
       sample_fn(rng, params_replicated, labels=None) -> Samples(images float32 [n, H, W, C],
       labels int32 [n] or None), n = local_device_count * per_device_batch; params_replicated
-      has a leading local-device axis (flax.jax_utils.replicate); labels, if given, is int32 [n].
+      from `parallel.replicate`; labels, if given, is int32 [n].
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     shape = _check_shape((per_device_batch, *image_shape))
-    if sampler == "ddim":  # fail here rather than at the first call
-        ddim_timesteps(schedule.num_timesteps, ddim_steps, ddim_spacing)
-        _check_eta(ddim_eta)
+    spec.validate(schedule.num_timesteps)  # fail here rather than at the first call
     device_fn = functools.partial(
         _device_sample,
         apply_fn=apply_fn,
         schedule=schedule,
         shape=shape,
         num_classes=num_classes,
-        sampler=sampler,
-        model_mean_type=diffusion.ModelMeanType(model_mean_type),
-        model_var_type=diffusion.ModelVarType(model_var_type),
-        clip_denoised=clip_denoised,
-        ddim_steps=ddim_steps,
-        ddim_eta=ddim_eta,
-        ddim_spacing=ddim_spacing,
+        spec=spec,
+        output=output,
     )
-    p_sample = jax.pmap(device_fn, axis_name="batch", in_axes=(None, 0, 0, 0))
+    p_sample = parallel.pmap(device_fn, in_axes=(None, 0, 0, 0))
     num_devices = jax.local_device_count()
 
     def sample_fn(rng, params_replicated, labels=None) -> Samples:
         if labels is not None:
             labels = jnp.asarray(labels, jnp.int32).reshape(num_devices, per_device_batch)
-        images, labels = p_sample(rng, params_replicated, local_device_indices(), labels)
+        images, labels = p_sample(rng, params_replicated, parallel.local_device_indices(), labels)
         images = images.reshape(num_devices * per_device_batch, *image_shape)
         return Samples(images, None if labels is None else labels.reshape(-1))
 
     return sample_fn
-
-
-def sample_images(
-    rng: jax.Array,
-    *,
-    apply_fn: Callable,
-    params,
-    schedule: DiffusionSchedule,
-    num_samples: int,
-    image_shape: Sequence[int],
-    model_mean_type,
-    model_var_type,
-    clip_denoised: bool = True,
-    sampler: str = "ddpm",
-    ddim_steps: int = 50,
-    ddim_eta: float = 0.0,
-    ddim_spacing: str = "uniform",
-    num_classes: int | None = None,
-) -> np.ndarray:
-    """num_samples uint8 images [N, H, W, C] drawn in one call on all local devices.
-
-    A convenience for sample grids (it compiles anew on each call): for many batches build
-    `make_pmapped_sampler` once. params are unreplicated; the other arguments are as there.
-    """
-    num_devices = jax.local_device_count()
-    per_device_batch = -(-num_samples // num_devices)
-    sample_fn = make_pmapped_sampler(
-        apply_fn,
-        schedule,
-        per_device_batch=per_device_batch,
-        image_shape=image_shape,
-        model_mean_type=model_mean_type,
-        model_var_type=model_var_type,
-        clip_denoised=clip_denoised,
-        sampler=sampler,
-        ddim_steps=ddim_steps,
-        ddim_eta=ddim_eta,
-        ddim_spacing=ddim_spacing,
-        num_classes=num_classes,
-    )
-    params_replicated = jax_utils.replicate(params)
-    images = sample_fn(rng, params_replicated).images
-    return np.asarray(to_uint8(images))[:num_samples]

@@ -35,10 +35,10 @@ def workdir(tmp_path_factory):
     """A workdir holding a checkpoint of the tiny test model (T = 20, untrained weights, written
     as a pretrained one): what `sample` and `eval` read."""
     from configs import test as test_config
-    from ddpm_jax import checkpoint, train
+    from ddpm_jax import experiment, train_state
 
     path = tmp_path_factory.mktemp("model")
     config = test_config.get_config()
-    state = train.create_train_state(jax.random.key(0), config, train.create_model(config))
-    checkpoint.save_pretrained(str(path), jax.device_get(state.params), config)
+    state = train_state.create(jax.random.key(0), config, experiment.create_model(config))
+    train_state.save_pretrained(str(path), jax.device_get(state.params), config)
     return str(path)

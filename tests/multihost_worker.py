@@ -13,7 +13,7 @@ SPEC_JSON names the job: {"num_processes", "devices" (fake CPU devices per proce
       restores the newest checkpoint into the state the last "train" task returned, as a
       resumed run does (jax arrays on this process's first device as the target).
   {"kind": "generate", "name", "workdir", "out_dir", "num_samples", "batch_size", "seed"}
-      generate.generate (every process runs the sampler; process 0 writes the shards).
+      sample_command.generate (every process runs the sampler; process 0 writes the shards).
 
 Compilation. Only the single-process job uses the persistent compilation cache. On a
 multi-process CPU job, jax (0.12) gives each process its own cache keys and only process 0 writes
@@ -127,17 +127,17 @@ def _train(task: dict, context: dict) -> dict:
 
 
 def _restore(task: dict, context: dict) -> dict:
-    from ddpm_jax import checkpoint, train
+    from ddpm_jax import checkpoint, train_state
 
-    with checkpoint.Checkpointer(task["workdir"]) as ckpt:
-        return _state_arrays(train._restore_state(ckpt, context["state"], _test_config(task)))
+    with checkpoint.Checkpointer(task["workdir"], train_state.LAYOUT) as ckpt:
+        return _state_arrays(train_state.restore(ckpt, context["state"], _test_config(task)))
 
 
 def _generate(task: dict, context: dict) -> dict:
-    from ddpm_jax import generate
+    from ddpm_jax.commands import sample as sample_command
 
     del context
-    generate.generate(
+    sample_command.generate(
         task["workdir"],
         out_dir=task["out_dir"],
         num_samples=task["num_samples"],

@@ -38,7 +38,7 @@ def main(spec_path: str) -> None:
     for name in ("params", "ema_params", "opt_state"):
         leaves, _ = jax.tree_util.tree_flatten_with_path(getattr(state, name))
         for path, leaf in leaves:
-            key = "/".join([name] + [checkpoint._key_name(k) for k in path])
+            key = "/".join([name] + [checkpoint.key_name(k) for k in path])
             arrays[key] = np.asarray(leaf)
     np.savez(spec["out"], **arrays)
 

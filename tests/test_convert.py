@@ -16,7 +16,7 @@ import pytest
 import ddpm_jax
 from configs import celebahq256, cifar10, default, digits, lsun_church256
 from configs import test as test_config
-from ddpm_jax import convert
+from ddpm_jax import convert, experiment, train_state
 from ddpm_jax.models import unet
 
 # config.json of google/ddpm-cifar10-32 (the paper's CIFAR-10 model), as published.
@@ -143,7 +143,7 @@ def test_scheduler_config_sets_the_diffusion_section():
 
 def test_converted_params_of_published_cifar10_have_the_papers_count():
     config = convert.config_from_diffusers(CIFAR10_JSON, base=cifar10.get_config())
-    shapes = convert._param_shapes(config)
+    shapes = convert.param_shapes(config)
     assert sum(np.prod(s.shape) for s in jax.tree.leaves(shapes)) == 35_746_307
 
 
@@ -196,7 +196,7 @@ def _compare(torch_model, params, config, batch=4, seed=0, x_scale=1.0):
         labels = None if y is None else torch.from_numpy(y).long()
         x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2)).double()
         ref = reference(x_nchw, torch.from_numpy(t), labels).sample.numpy().transpose(0, 2, 3, 1)
-    model = unet.UNet(**convert.unet_kwargs(config))
+    model = unet.UNet(**experiment.unet_kwargs(config))
     apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, train=False))
     out = np.asarray(apply(params, x, t, y))
     assert out.shape == ref.shape and out.dtype == np.float32
@@ -248,7 +248,7 @@ def test_paper_256_model_has_diffusers_parameter_count(diffusers):
     config = convert.config_from_diffusers(HQ256_JSON, base=celebahq256.get_config())
     with torch.device("meta"):  # shapes only, nothing allocated
         torch_model = diffusers.UNet2DModel(**HQ256_JSON)
-    shapes = convert._param_shapes(config)
+    shapes = convert.param_shapes(config)
     ours = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     assert ours == sum(p.numel() for p in torch_model.parameters()) == 113_673_219
 
@@ -319,16 +319,16 @@ def _write_pretrained(diffusers, directory, config):
 
 @pytest.mark.torch
 def test_cli_converts_a_pretrained_directory(diffusers, tmp_path, monkeypatch):
-    # checkpoint.save_pretrained is replaced by a recorder: this tests the CLI, not orbax.
+    # train_state.save_pretrained is replaced by a recorder: this tests the CLI, not orbax.
     saved = {}
 
-    class FakeCheckpoint:
+    class FakeTrainState:
         @staticmethod
         def save_pretrained(workdir, params, config):
             saved.update(workdir=workdir, params=params, config=config)
 
-    monkeypatch.setattr(ddpm_jax, "checkpoint", FakeCheckpoint, raising=False)
-    monkeypatch.setitem(sys.modules, "ddpm_jax.checkpoint", FakeCheckpoint)
+    monkeypatch.setattr(ddpm_jax, "train_state", FakeTrainState, raising=False)
+    monkeypatch.setitem(sys.modules, "ddpm_jax.train_state", FakeTrainState)
     config = _small_config(num_res_blocks=1)
     torch_model = _write_pretrained(diffusers, tmp_path / "hub", config)
     convert.main(["--from", str(tmp_path / "hub"), "--out", str(tmp_path / "run")])
@@ -338,38 +338,28 @@ def test_cli_converts_a_pretrained_directory(diffusers, tmp_path, monkeypatch):
     assert _compare(torch_model, saved["params"], saved["config"]) < 1e-4
 
 
-def _has_save_pretrained():
-    try:
-        from ddpm_jax import checkpoint
-    except ImportError:
-        return False
-    return hasattr(checkpoint, "save_pretrained")
-
-
 @pytest.mark.torch
-@pytest.mark.skipif(not _has_save_pretrained(), reason="ddpm_jax.checkpoint.save_pretrained")
 def test_cli_writes_an_orbax_checkpoint(diffusers, tmp_path):
-    from ddpm_jax import checkpoint
-
     config = _small_config(num_res_blocks=1)
     torch_model = _write_pretrained(diffusers, tmp_path / "hub", config)
     convert.main(["--from", str(tmp_path / "hub"), "--out", str(tmp_path / "run")])
-    params, saved_config = checkpoint.restore_ema_params(str(tmp_path / "run"))
+    params, saved_config, step = train_state.restore_ema_params(str(tmp_path / "run"))
     expected = convert.from_diffusers(torch_model.state_dict(), config)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
-    assert saved_config["model"]["ch_mult"] == [1, 2]
-    assert saved_config["diffusion"]["model_var_type"] == "fixed_large"
+    assert step == 0
+    assert tuple(saved_config.model.ch_mult) == (1, 2)
+    assert saved_config.diffusion.model_var_type == "fixed_large"
 
 
 def test_params_are_float32_numpy():
     # from_diffusers' leaves follow the model's param dtype; the config here has none of torch.
     config = _small_config(num_res_blocks=1)
-    shapes = convert._param_shapes(config)
+    shapes = convert.param_shapes(config)
     state = {}
     for path, spec in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         names = tuple(p.key for p in path)
-        key = convert._torch_key(names, len(config.model.ch_mult))
-        state[key] = np.ones(convert._torch_shape(names[-1], spec.shape), np.float64)
+        key = convert.torch_key(names, len(config.model.ch_mult))
+        state[key] = np.ones(convert.torch_shape(names[-1], spec.shape), np.float64)
     params = convert.from_diffusers(state, config)
     leaves = jax.tree.leaves(params)
     assert all(isinstance(p, np.ndarray) and p.dtype == jnp.float32 for p in leaves)

@@ -22,8 +22,9 @@ from absl.testing import flagsaver
 from scipy import stats
 
 from configs import test as test_config
-from ddpm_jax import diffusion, evaluation, generate, schedules
-from ddpm_jax import main as cli
+from ddpm_jax import cli, diffusion, digits, likelihood, schedules
+from ddpm_jax.commands import evaluate
+from ddpm_jax.commands import sample as sample_command
 
 T = 50
 SCHEDULE = schedules.make_schedule("linear", T)
@@ -85,7 +86,7 @@ def expected_bound_bpd(var_type: str) -> float:
 
 def run_bound(x0, var_type, rng=None, clip_denoised=False):
     fn = jax.jit(
-        lambda key, x: evaluation.calc_bpd_loop(
+        lambda key, x: likelihood.calc_bpd_loop(
             key,
             gaussian_eps(MU, S),
             SCHEDULE,
@@ -150,7 +151,7 @@ def test_terms_are_nats_over_d_ln2():
     post_var = BETAS * (1.0 - ab_prev) / (1.0 - ab)
 
     def x_t_and_x0_hat(t):
-        eps = np.asarray(evaluation.timestep_noise(rng, t, x0.shape), np.float64)
+        eps = np.asarray(likelihood.timestep_noise(rng, t, x0.shape), np.float64)
         x_t = np.sqrt(ab[t]) * x + np.sqrt(1 - ab[t]) * eps
         eps_hat = np.sqrt(1 - ab[t]) * (x_t - np.sqrt(ab[t]) * MU) / (ab[t] * S * S + 1 - ab[t])
         return x_t, (x_t - np.sqrt(1 - ab[t]) * eps_hat) / np.sqrt(ab[t])
@@ -187,7 +188,7 @@ def stats_normal_kl(m1, v1, m2, v2):
 def test_every_timestep_draws_its_own_noise():
     rng = jax.random.key(3)
     shape = (2, 4)
-    noise = np.stack([np.asarray(evaluation.timestep_noise(rng, t, shape)) for t in range(T)])
+    noise = np.stack([np.asarray(likelihood.timestep_noise(rng, t, shape)) for t in range(T)])
     flat = noise.reshape(T, -1)
     same = np.all(
         np.isclose(flat[:, None], flat[None]) | np.isclose(flat[:, None], -flat[None]), -1
@@ -212,9 +213,9 @@ def test_per_example_keys_make_an_example_independent_of_its_batch():
 
 def test_key_errors():
     with pytest.raises(TypeError, match="typed key"):
-        evaluation.timestep_noise(jax.random.key_data(jax.random.key(0)), 0, (2, 3))
+        likelihood.timestep_noise(jax.random.key_data(jax.random.key(0)), 0, (2, 3))
     with pytest.raises(ValueError, match="one key per example"):
-        evaluation.timestep_noise(jax.random.split(jax.random.key(0), 3), 0, (2, 3))
+        likelihood.timestep_noise(jax.random.split(jax.random.key(0), 3), 0, (2, 3))
 
 
 # ---------------------------------------------------------------------------- the eval loop
@@ -231,17 +232,16 @@ _LOOP_SCHEDULE = schedules.make_schedule("linear", 20)
 
 
 def _evaluate(batch_size, num_examples):
-    return evaluation.evaluate_bpd(
+    return likelihood.evaluate_bpd(
         jax.random.key(0),
         _gaussian_apply,
         {"mu": jnp.float32(-0.5), "s": jnp.float32(0.5)},
         _LOOP_SCHEDULE,
+        diffusion.ModelOutput("epsilon", "fixed_large"),
         test_config.get_config().data,
         batch_size=batch_size,
         split="test",
         num_examples=num_examples,
-        model_mean_type="epsilon",
-        model_var_type="fixed_large",
     )
 
 
@@ -262,7 +262,7 @@ def test_eval_loop_masks_padding_and_does_not_depend_on_the_batch_size():
 
 
 def test_result_paths_stay_inside_the_workdir(tmp_path):
-    path = evaluation.result_path(str(tmp_path), "bpd", "../../etc/x[:90%]", "step3")
+    path = evaluate.result_path(str(tmp_path), "bpd", "../../etc/x[:90%]", "step3")
     assert os.path.dirname(path) == os.path.join(str(tmp_path), "eval")
     assert os.path.basename(path) == "bpd-etc_x_90-step3.json"
 
@@ -284,18 +284,18 @@ def test_eval_command_prints_and_writes_the_nll(workdir, capsys):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint"):
-        evaluation.evaluate_checkpoint(str(tmp_path), num_examples=8, batch_size=8)
+        evaluate.evaluate_checkpoint(str(tmp_path), num_examples=8, batch_size=8)
 
 
 # ------------------------------------------------------------------------ digits quality
 
 
 def _digits(split):
-    return evaluation._digits_split(split)
+    return digits.digits_split(split)
 
 
 def test_real_test_digits_score_high_and_even():
-    q = evaluation.digits_sample_quality(_digits("test").images)
+    q = digits.sample_quality(_digits("test").images)
     assert q["num_samples"] == 297 and sum(q["class_counts"]) == 297
     assert q["confident_share"] > 0.9 and q["evenness"] > 0.95
     assert q["reference"]["accuracy"] > 0.97
@@ -304,14 +304,14 @@ def test_real_test_digits_score_high_and_even():
 
 def test_uniform_noise_scores_low():
     noise = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1)).astype(np.uint8)
-    q = evaluation.digits_sample_quality(noise)
+    q = digits.sample_quality(noise)
     assert q["confident_share"] < 0.05 and q["mean_confidence"] < 0.6
 
 
 def test_one_repeated_digit_is_not_even():
     source = _digits("test")
     three = source.images[np.flatnonzero(source.labels == 3)[0]]
-    q = evaluation.digits_sample_quality(np.repeat(three[None], 100, axis=0))
+    q = digits.sample_quality(np.repeat(three[None], 100, axis=0))
     assert q["class_counts"][3] == 100 and q["evenness"] == 0.0
     assert q["confident_share"] == 1.0
 
@@ -326,23 +326,27 @@ def test_one_repeated_digit_is_not_even():
 )
 def test_quality_refuses_other_images(images):
     with pytest.raises(ValueError):
-        evaluation.digits_sample_quality(images)
+        digits.sample_quality(images)
 
 
 def test_quality_of_a_sample_directory(tmp_path):
     samples = str(tmp_path / "generated")
     os.makedirs(samples)
     images = _digits("test").images
-    generate.write_npz_atomically(os.path.join(samples, "samples_00000.npz"), arr_0=images[:40])
-    generate.write_npz_atomically(os.path.join(samples, "samples_00001.npz"), arr_0=images[40:60])
-    figures, path = evaluation.evaluate_samples(str(tmp_path), samples)
-    expected = evaluation.digits_sample_quality(images[:60])
+    sample_command.write_npz_atomically(
+        os.path.join(samples, "samples_00000.npz"), arr_0=images[:40]
+    )
+    sample_command.write_npz_atomically(
+        os.path.join(samples, "samples_00001.npz"), arr_0=images[40:60]
+    )
+    figures, path = evaluate.evaluate_samples(str(tmp_path), samples)
+    expected = digits.sample_quality(images[:60])
     assert figures["num_samples"] == 60 and figures["class_counts"] == expected["class_counts"]
     assert path.startswith(os.path.join(str(tmp_path), "eval"))
     with open(path) as f:
         assert json.load(f)["confident_share"] == expected["confident_share"]
     with pytest.raises(FileNotFoundError):
-        evaluation.sample_dir_quality(str(tmp_path))
+        evaluate.sample_dir_quality(str(tmp_path))
 
 
 def test_ddpm_mean_types_share_the_bound():
@@ -352,7 +356,7 @@ def test_ddpm_mean_types_share_the_bound():
     as_x0 = lambda x_t, t: diffusion.predict_start_from_noise(SCHEDULE, x_t, t, eps_fn(x_t, t))
 
     def bound(fn, mean_type):
-        return evaluation.calc_bpd_loop(
+        return likelihood.calc_bpd_loop(
             jax.random.key(2),
             fn,
             SCHEDULE,

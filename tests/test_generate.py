@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ddpm_jax import generate
+from ddpm_jax.commands import sample as sample_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,9 +19,11 @@ def _shards(out):
 
 
 def test_writes_uint8_shards_with_the_last_one_trimmed(workdir, tmp_path):
-    out = generate.generate(workdir, out_dir=str(tmp_path / "s"), num_samples=20, batch_size=16)
+    out = sample_command.generate(
+        workdir, out_dir=str(tmp_path / "s"), num_samples=20, batch_size=16
+    )
     assert _shards(out) == ["samples_00000.npz", "samples_00001.npz"]
-    images = generate.read_shards(out)
+    images = sample_command.read_shards(out)
     assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
     assert os.path.exists(os.path.join(out, "grid.png"))
     with np.load(os.path.join(out, "samples_00001.npz"), allow_pickle=False) as f:
@@ -30,31 +32,31 @@ def test_writes_uint8_shards_with_the_last_one_trimmed(workdir, tmp_path):
 
 def test_same_seed_same_images_and_rerun_resumes_without_rewriting(workdir, tmp_path):
     out = str(tmp_path / "s")
-    generate.generate(workdir, out_dir=out, num_samples=48, batch_size=16, seed=3)
-    first = generate.read_shards(out)
+    sample_command.generate(workdir, out_dir=out, num_samples=48, batch_size=16, seed=3)
+    first = sample_command.read_shards(out)
     kept = os.path.join(out, "samples_00000.npz")
     mtime = os.stat(kept).st_mtime_ns
     os.remove(os.path.join(out, "samples_00002.npz"))  # as if interrupted before the last shard
-    generate.generate(workdir, out_dir=out, num_samples=48, batch_size=16, seed=3)
+    sample_command.generate(workdir, out_dir=out, num_samples=48, batch_size=16, seed=3)
     assert os.stat(kept).st_mtime_ns == mtime  # finished shards are skipped, not redone
-    np.testing.assert_array_equal(generate.read_shards(out), first)
-    other = generate.generate(
+    np.testing.assert_array_equal(sample_command.read_shards(out), first)
+    other = sample_command.generate(
         workdir, out_dir=str(tmp_path / "o"), num_samples=16, batch_size=16, seed=4
     )
-    assert not np.array_equal(generate.read_shards(other), first[:16])
+    assert not np.array_equal(sample_command.read_shards(other), first[:16])
 
 
 def test_ddim_sampler_from_the_command(workdir, tmp_path):
-    out = generate.generate(
+    out = sample_command.generate(
         workdir,
         out_dir=str(tmp_path / "d"),
         num_samples=8,
         batch_size=8,
         sampler="ddim",
-        ddim_steps=5,
-        ddim_eta=0.0,
+        steps=5,
+        eta=0.0,
     )
-    assert generate.read_shards(out).shape == (8, 8, 8, 1)
+    assert sample_command.read_shards(out).shape == (8, 8, 8, 1)
 
 
 def test_an_interrupted_write_leaves_no_shard_that_looks_complete(workdir, tmp_path, monkeypatch):
@@ -65,7 +67,7 @@ def test_an_interrupted_write_leaves_no_shard_that_looks_complete(workdir, tmp_p
     monkeypatch.setattr(np, "savez", broken_savez)
     out = str(tmp_path / "s")
     with pytest.raises(OSError, match="disk full"):
-        generate.generate(workdir, out_dir=out, num_samples=8, batch_size=8)
+        sample_command.generate(workdir, out_dir=out, num_samples=8, batch_size=8)
     assert os.listdir(out) == []
 
 
@@ -80,12 +82,12 @@ def test_an_interrupted_write_leaves_no_shard_that_looks_complete(workdir, tmp_p
 def test_bad_arguments_are_refused(workdir, kwargs, error, message):
     args = {"num_samples": 8, "batch_size": 8, **kwargs}
     with pytest.raises(error, match=message):
-        generate.generate(workdir, **args)
+        sample_command.generate(workdir, **args)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        generate.generate(str(tmp_path), num_samples=8, batch_size=8)
+        sample_command.generate(str(tmp_path), num_samples=8, batch_size=8)
 
 
 @pytest.mark.slow
@@ -119,7 +121,7 @@ def test_command_line_train_then_sample(tmp_path):
         timeout=600,
     )
     out = os.path.join(workdir, "generated", "ddpm-seed0")
-    assert generate.read_shards(out).shape == (6, 8, 8, 1)
+    assert sample_command.read_shards(out).shape == (6, 8, 8, 1)
     bad = subprocess.run(
         base + ["sample", "--workdir", str(tmp_path / "none"), "--num_samples", "4"],
         env=env,
@@ -128,4 +130,4 @@ def test_command_line_train_then_sample(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode != 0 and "FileNotFoundError" in bad.stderr
+    assert bad.returncode == 2 and "error: No complete checkpoint" in bad.stderr

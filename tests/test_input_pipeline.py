@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from ddpm_jax import input_pipeline
+from ddpm_jax import input_pipeline, parallel
 
 
 def _data(**overrides):
@@ -219,10 +219,10 @@ def test_no_prefetch_gives_the_same_batches():
         np.testing.assert_array_equal(x["image"], y["image"])
 
 
-def test_device_put_batch_shards_axis_0_over_local_devices_for_pmap():
+def test_put_sharded_shards_axis_0_over_local_devices_for_pmap():
     devices = jax.local_devices()
     (batch,) = _take(_train(global_batch_size=8 * len(devices), local_device_count=len(devices)), 1)
-    on_device = input_pipeline.device_put_batch({"image": batch["image"]})
+    on_device = parallel.put_sharded({"image": batch["image"]})
     shards = on_device["image"].addressable_shards
     assert [s.device for s in shards] == devices and shards[0].data.shape[0] == 1
     means = jax.pmap(lambda x: x.mean(), axis_name="batch")(on_device["image"])

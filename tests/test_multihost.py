@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, distributed, generate
+from ddpm_jax import checkpoint, distributed, train_state
+from ddpm_jax.commands import sample as sample_command
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -200,9 +201,9 @@ def test_metrics_are_global_and_only_process_zero_logs_and_writes(jobs):
 def test_checkpoint_of_two_processes_restores_in_one_process(jobs):
     root = jobs["root"]
     two = _result(root, "two", "train")
-    with checkpoint.Checkpointer(root / "run2", read_only=True) as ckpt:
+    with checkpoint.Checkpointer(root / "run2", train_state.LAYOUT, read_only=True) as ckpt:
         assert ckpt.all_steps() == [10, 20]
-        restored = ckpt.restore(items=("params", "ema_params", "opt_state", "meta"))
+        _, restored = checkpoint.restore(ckpt, items=("params", "ema_params", "opt_state", "meta"))
     assert restored["meta"]["step"] == NUM_STEPS
     for name in ("params", "ema_params"):
         leaves, _ = jax.tree_util.tree_flatten_with_path(restored[name])
@@ -234,13 +235,18 @@ def test_checkpoint_of_one_process_restores_in_two_processes(jobs):
 def test_sampling_across_two_processes_matches_one_process(jobs):
     root = jobs["root"]
     names = sorted(n for n in os.listdir(root / "gen1") if n.endswith(".npz"))
-    assert names == [generate.shard_name(0), generate.shard_name(1)]
+    assert names == [sample_command.shard_name(0), sample_command.shard_name(1)]
     assert sorted(n for n in os.listdir(root / "gen2") if n.endswith(".npz")) == names
     for name in names:  # process 0 gathered each shard and wrote the same file
         with np.load(root / "gen1" / name) as one, np.load(root / "gen2" / name) as two:
             assert one["arr_0"].dtype == np.uint8
             np.testing.assert_array_equal(two["arr_0"], one["arr_0"], err_msg=name)
-    assert generate.read_shards(str(root / "gen2")).shape == (GENERATE["num_samples"], 8, 8, 1)
+    assert sample_command.read_shards(str(root / "gen2")).shape == (
+        GENERATE["num_samples"],
+        8,
+        8,
+        1,
+    )
     assert (root / "gen2" / "grid.png").is_file()
 
 

@@ -32,7 +32,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, diffusion, input_pipeline, train
+from ddpm_jax import (
+    checkpoint,
+    diffusion,
+    experiment,
+    input_pipeline,
+    loop_utils,
+    train,
+    train_state,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = os.environ.get("DDPM_JAX_LONG") == "1"
@@ -88,7 +96,7 @@ class _Recorder:
         self.indices: dict[int, np.ndarray] = {}
         self.rows: dict[int, dict[str, float]] = {}
         self.taken: list[int] = []
-        real_iterator, real_flush = input_pipeline.make_train_iterator, train._MetricLog.flush
+        real_iterator = input_pipeline.make_train_iterator
 
         def iterator(*args, start_step, **kwargs):
             inner = real_iterator(*args, start_step=start_step, **kwargs)
@@ -109,13 +117,10 @@ class _Recorder:
             finally:
                 inner.close()
 
-        def flush(log):
-            rows = real_flush(log)
-            self.rows.update(rows)
-            return rows
-
         monkeypatch.setattr(input_pipeline, "make_train_iterator", iterator)
-        monkeypatch.setattr(train._MetricLog, "flush", flush)
+
+    def sink(self, step: int, row: dict[str, float]) -> None:
+        self.rows[step] = row
 
 
 def _run(workdir, config, **recorder_kwargs):
@@ -123,14 +128,15 @@ def _run(workdir, config, **recorder_kwargs):
     with pytest.MonkeyPatch.context() as mp:
         recorder = _Recorder(mp, **recorder_kwargs)
         try:
-            return train.train_and_evaluate(config, str(workdir)), recorder
+            state = train.train_and_evaluate(config, str(workdir), metrics_sink=recorder.sink)
+            return state, recorder
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the caller checks what it got
             return e, recorder
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(checkpoint._key_name(k) for k in p): np.asarray(x) for p, x in leaves}
+    return {"/".join(checkpoint.key_name(k) for k in p): np.asarray(x) for p, x in leaves}
 
 
 def _assert_states_bitwise_equal(a, b):
@@ -180,16 +186,20 @@ def reference(tmp_path_factory):
     """The uninterrupted run: (workdir, final state, recorder)."""
     workdir = tmp_path_factory.mktemp("reference")
     state, recorder = _run(workdir, _config({"train.keep_checkpoints": 1000}))  # keep them all
-    assert isinstance(state, train.TrainState), state
+    assert isinstance(state, train_state.TrainState), state
     assert sorted(recorder.taken) == list(range(REF_STEPS))
     return workdir, state, recorder
 
 
-def _restored(workdir, step: int, like: train.TrainState) -> train.TrainState:
+def _reader(workdir) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(workdir, train_state.LAYOUT, read_only=True)
+
+
+def _restored(workdir, step: int, like: train_state.TrainState) -> train_state.TrainState:
     """The state saved at `step` in `workdir`, in the structure of `like`."""
-    with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
-        target = jax.device_get({name: getattr(like, name) for name in checkpoint.TREE_ITEMS})
-        out = ckpt.restore(step, target=target)
+    with checkpoint.Checkpointer(workdir, train_state.LAYOUT, read_only=True) as ckpt:
+        target = jax.device_get({name: getattr(like, name) for name in train_state.LAYOUT.trees})
+        out = ckpt.restore_step(step, target=target, items=(*target, "meta"))
     return like.replace(
         params=out["params"],
         ema_params=out["ema_params"],
@@ -199,7 +209,7 @@ def _restored(workdir, step: int, like: train.TrainState) -> train.TrainState:
     )
 
 
-def _reference_at(reference, step: int) -> train.TrainState:
+def _reference_at(reference, step: int) -> train_state.TrainState:
     """The uninterrupted run's state after `step` steps (a multiple of 5, or the last)."""
     ref_dir, ref_state, _ = reference
     return ref_state if step == REF_STEPS else _restored(ref_dir, step, ref_state)
@@ -389,14 +399,16 @@ def test_sigkill_at_random_moments_and_sigterm_resume_bitwise(tmp_path, referenc
             records.append(record)
             _assert_resumed_from_newest(record)
             if how == "sigterm":
-                assert record["rc"] == train.PREEMPTED_EXIT_CODE, record["log"][-3000:]
+                assert record["rc"] == loop_utils.PREEMPTED_EXIT_CODE, record["log"][-3000:]
                 stopped = re.findall(r"Preempted at step (\d+):", record["log"])
                 assert stopped, record["log"][-3000:]
                 steps, tmp = watcher.listing()
                 assert steps[-1] == int(stopped[0]) and not tmp  # written and waited for
             else:
                 assert record["rc"] == -signal.SIGKILL, record["log"][-3000:]
-            complete = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+            complete = checkpoint.Checkpointer(
+                workdir, train_state.LAYOUT, read_only=True
+            ).latest_step()
             assert complete == watcher.listing()[0][-1]
             assert complete < REF_STEPS, "the run finished before all interruptions happened"
         final = _incarnation_to_the_end(workdir, tmp_path / "final.txt", watcher)
@@ -409,7 +421,7 @@ def test_sigkill_at_random_moments_and_sigterm_resume_bitwise(tmp_path, referenc
     assert len(kills) == NUM_KILLS
     assert sum(r["mid_write"] for r in kills) >= 1  # at least one kill hit a write in flight
     _, ref_state, _ = reference
-    assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == REF_STEPS
+    assert _reader(workdir).latest_step() == REF_STEPS
     _assert_states_bitwise_equal(_restored(workdir, REF_STEPS, ref_state), ref_state)
     summary = [(r["how"], r["resumed_from"], r["newest_at_signal"], r["mid_write"]) for r in kills]
     print(f"\n{len(kills)} kills (how, resumed from, newest at signal, mid-write): {summary}")
@@ -450,9 +462,9 @@ def test_crash_then_resume_takes_the_same_batches_and_noise(tmp_path, reference)
     crashed, first = _run(tmp_path, config, crash_at=EPOCH_BOUNDARY_STEP + 1)
     assert isinstance(crashed, _SimulatedCrash), crashed
     assert first.taken == list(range(10, 19))
-    assert checkpoint.Checkpointer(tmp_path, read_only=True).latest_step() == 15
+    assert _reader(tmp_path).latest_step() == 15
     state, second = _run(tmp_path, config)
-    assert isinstance(state, train.TrainState), state
+    assert isinstance(state, train_state.TrainState), state
     assert second.taken[0] == 15  # resumed from the newest checkpoint, replaying 15..18
     config = _config()
     num_examples = input_pipeline.get_dataset_info(config.data).num_examples
@@ -480,11 +492,13 @@ def test_sigterm_checkpoints_the_current_step_then_resumes_bitwise(tmp_path, ref
     _copy_checkpoint(ref_dir, tmp_path, 5)
     handler_before = signal.getsignal(signal.SIGTERM)
     preempted, first = _run(tmp_path, _config(), sigterm_at=7)
-    assert isinstance(preempted, train.Preempted), preempted
-    assert isinstance(preempted, SystemExit) and preempted.code == train.PREEMPTED_EXIT_CODE == 75
+    assert isinstance(preempted, loop_utils.Preempted), preempted
+    assert (
+        isinstance(preempted, SystemExit) and preempted.code == loop_utils.PREEMPTED_EXIT_CODE == 75
+    )
     assert preempted.step == 8  # the step whose batch was being taken ran to the end
     assert first.taken == [5, 6, 7]
-    assert checkpoint.Checkpointer(tmp_path, read_only=True).latest_step() == 8
+    assert _reader(tmp_path).latest_step() == 8
     assert not _tmp_dirs(tmp_path)  # written and waited for, not in flight
     assert signal.getsignal(signal.SIGTERM) == handler_before
     state, second = _run(tmp_path, _config({"train.num_steps": 10}))
@@ -502,9 +516,9 @@ def test_sigterm_during_start_up_exits_75_before_the_first_step(tmp_path, monkey
 
     monkeypatch.setattr(train, "make_p_train_step", notice_while_compiling)
     preempted, recorder = _run(tmp_path, _config({"train.num_steps": 4}))
-    assert isinstance(preempted, train.Preempted) and preempted.code == 75
+    assert isinstance(preempted, loop_utils.Preempted) and preempted.code == 75
     assert preempted.step == 0 and recorder.taken == []
-    assert checkpoint.Checkpointer(tmp_path, read_only=True).latest_step() is None
+    assert _reader(tmp_path).latest_step() is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,17 +533,17 @@ def test_skip_mode_stops_once_more_than_max_skipped_steps_were_skipped(tmp_path,
     )
     with caplog.at_level(logging.WARNING):
         error, _ = _run(tmp_path, config, nan_at=(2, 3, 4))  # the updates to 3, 4, 5
-    assert isinstance(error, train.NonFiniteLossError), error
+    assert isinstance(error, loop_utils.NonFiniteLossError), error
     assert "max_skipped_steps=2" in str(error) and "at step 4" in str(error)
     assert any("Skipped 1 non-finite" in r.getMessage() for r in caplog.records)
-    with checkpoint.Checkpointer(tmp_path, read_only=True) as ckpt:
+    with checkpoint.Checkpointer(tmp_path, train_state.LAYOUT, read_only=True) as ckpt:
         assert ckpt.latest_step() == 4  # step 4 (2 skipped, params intact); never step 5 or 6
-        out = ckpt.restore(items=("params", "meta"))
+        _, out = checkpoint.restore(ckpt, items=("params", "meta"))
     assert out["meta"]["num_skipped"] == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(out["params"]))
     # The budget is for the whole run: resumed with 2 already skipped, one more is too many.
     error, _ = _run(tmp_path, config, nan_at=(6,))
-    assert isinstance(error, train.NonFiniteLossError) and "3 non-finite" in str(error)
+    assert isinstance(error, loop_utils.NonFiniteLossError) and "3 non-finite" in str(error)
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +567,7 @@ def test_checkpoint_of_8_devices_resumes_on_1_2_and_4(tmp_path, reference):
             text=True,
         )  # fmt: skip
     expected = {}
-    for name in checkpoint.TREE_ITEMS:
+    for name in train_state.LAYOUT.trees:
         expected.update({f"{name}/{k}": v for k, v in _flat(getattr(ref_state, name)).items()})
     for n, proc in procs.items():
         output, _ = proc.communicate(timeout=600)
@@ -577,7 +591,7 @@ def test_checkpoint_of_another_model_is_refused_naming_the_parameter(tmp_path, r
     message = str(info.value)
     assert "first mismatched parameter params/" in message
     assert re.search(r"saved shape \([\d, ]+\), expected shape \([\d, ]+\)", message), message
-    assert checkpoint.Checkpointer(tmp_path, read_only=True).all_steps() == [REF_STEPS]
+    assert _reader(tmp_path).all_steps() == [REF_STEPS]
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,7 +621,7 @@ def test_failed_background_write_stops_the_job_within_a_log_interval(tmp_path, m
     assert isinstance(error, OSError) and "No space left" in str(error), error
     # Raised by the log step after update 5, not only by the save of step 6.
     assert max(recorder.taken) == 4
-    assert checkpoint.Checkpointer(tmp_path, read_only=True).latest_step() is None
+    assert _reader(tmp_path).latest_step() is None
 
 
 def test_unusable_workdir_fails_before_training(tmp_path):
@@ -678,7 +692,9 @@ def test_image_size_incompatible_with_the_unet_is_refused(tmp_path):
     config = _config()
     config.model.ch_mult = (1, 2, 2, 2)  # needs a multiple of 8; the digits are 8x8: fine ...
     config.data.image_size = 12  # ... but 12 is not
-    with pytest.raises(ValueError, match=r"config.data.image_size=12 is not divisible by .*8"):
+    with pytest.raises(
+        ValueError, match=r"config.data.image_size=12: resolution 12 is not divisible by .*8"
+    ):
         train.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path) == []
 
@@ -699,7 +715,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_rewritten(tmp_path, referen
         os.truncate(name, os.path.getsize(name) // 2)
     with caplog.at_level(logging.WARNING):
         state, second = _run(run, _config({"train.num_steps": 15}))
-    assert isinstance(state, train.TrainState), state
+    assert isinstance(state, train_state.TrainState), state
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("step 10" in m and "cannot be restored" in m for m in warnings), warnings
     assert any("Replacing the unreadable checkpoint" in m for m in warnings), warnings
@@ -737,10 +753,10 @@ def test_resuming_with_a_config_that_trains_differently_warns(tmp_path, referenc
 def test_bf16_compute_keeps_the_schedule_and_the_loss_in_float32():
     config = test_config.get_config()
     config.model.dtype = "bfloat16"
-    schedule = train.create_schedule(config)
+    schedule = experiment.create_schedule(config)
     assert {leaf.dtype for leaf in jax.tree.leaves(schedule)} == {jnp.dtype(jnp.float32)}
-    model = train.create_model(config)
-    state = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model))
+    model = experiment.create_model(config)
+    state = jax.eval_shape(lambda: train_state.create(jax.random.key(0), config, model))
     seen = {}
 
     def spy_apply(variables, x, t, y, **kwargs):
@@ -753,11 +769,11 @@ def test_bf16_compute_keeps_the_schedule_and_the_loss_in_float32():
         train.train_step,
         schedule=schedule,
         model_mean_type=diffusion.ModelMeanType.EPSILON,
-        loss_weighting="min_snr",
+        loss_weighting=diffusion.LossWeighting.MIN_SNR,
         min_snr_gamma=5.0,
         ema_decay=0.9,
         ema_warmup=False,
-        learning_rate_fn=train.create_learning_rate_fn(config.optim),
+        learning_rate_fn=experiment.create_learning_rate_fn(config.optim),
         class_conditional=False,
     )
     batch = {
@@ -846,8 +862,8 @@ def test_checkpoints_restore_without_unpickling(reference, monkeypatch):
 
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
-    with checkpoint.Checkpointer(ref_dir, read_only=True) as ckpt:
-        out = ckpt.restore(items=checkpoint.ALL_ITEMS)
+    with checkpoint.Checkpointer(ref_dir, train_state.LAYOUT, read_only=True) as ckpt:
+        _, out = checkpoint.restore(ckpt, items=train_state.LAYOUT.names)
     assert out["meta"]["step"] == REF_STEPS
     np.testing.assert_array_equal(
         _flat(out["params"])["conv_in/kernel"], _flat(ref_state.params)["conv_in/kernel"]

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import jax_utils
 
-from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax import diffusion, parallel, sampling, schedules
 
 EPS = diffusion.ModelMeanType.EPSILON
 SMALL = diffusion.ModelVarType.FIXED_SMALL
@@ -551,14 +550,20 @@ def test_pmapped_sampler_one_key_per_device():
     schedule = schedules.make_schedule("linear", 8)
     kwargs = dict(model_mean_type=EPS, model_var_type=LARGE)
     sample_fn = sampling.make_pmapped_sampler(
-        model.apply, schedule, per_device_batch=2, image_shape=IMAGE_SHAPE, num_classes=3, **kwargs
+        model.apply,
+        schedule,
+        sampling.SamplerSpec(),
+        diffusion.ModelOutput(EPS, LARGE),
+        per_device_batch=2,
+        image_shape=IMAGE_SHAPE,
+        num_classes=3,
     )
     rng = jax.random.key(9)
-    images, labels = sample_fn(rng, jax_utils.replicate(params))
+    images, labels = sample_fn(rng, parallel.replicate(params))
     assert images.shape == (16, *IMAGE_SHAPE) and labels.shape == (16,)
     blocks = np.asarray(images).reshape(num_devices, -1)
     assert len({block.tobytes() for block in blocks}) == num_devices  # every device differs
-    np.testing.assert_array_equal(sampling.local_device_indices(), np.arange(num_devices))
+    np.testing.assert_array_equal(parallel.local_device_indices(), np.arange(num_devices))
 
     # Device 3 samples with fold_in(rng, 3) -> (labels key, sampling key), as documented.
     rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, 3))
@@ -571,37 +576,52 @@ def test_pmapped_sampler_one_key_per_device():
     np.testing.assert_allclose(images[6:8], expected, atol=1e-5)
 
     given = jnp.arange(16, dtype=jnp.int32) % 3
-    np.testing.assert_array_equal(sample_fn(rng, jax_utils.replicate(params), given).labels, given)
+    np.testing.assert_array_equal(sample_fn(rng, parallel.replicate(params), given).labels, given)
 
 
-def test_sample_images_uint8():
+def test_pmapped_ddim_sampler_draws_what_ddim_sample_draws():
     model, params = _tiny_model()
     schedule = schedules.make_schedule("cosine", 6)
-    images = sampling.sample_images(
-        jax.random.key(0),
-        apply_fn=model.apply,
-        params=params,
-        schedule=schedule,
-        num_samples=10,
+    spec = sampling.SamplerSpec("ddim", steps=3, eta=0.5, spacing="quadratic")
+    sample_fn = sampling.make_pmapped_sampler(
+        model.apply,
+        schedule,
+        spec,
+        diffusion.ModelOutput(EPS, LARGE),
+        per_device_batch=1,
         image_shape=IMAGE_SHAPE,
-        sampler="ddim",
-        ddim_steps=3,
-        model_mean_type=EPS,
-        model_var_type=LARGE,
         num_classes=3,
     )
-    assert isinstance(images, np.ndarray) and images.shape == (10, *IMAGE_SHAPE)
-    assert images.dtype == np.uint8
-    with pytest.raises(ValueError, match="'ancestral'"):
-        sampling.make_pmapped_sampler(
-            model.apply,
+    rng = jax.random.key(4)
+    samples = sample_fn(rng, parallel.replicate(params))
+    uint8 = np.asarray(sampling.to_uint8(samples.images))
+    assert uint8.shape == (8, *IMAGE_SHAPE) and uint8.dtype == np.uint8
+    _, rng_sample = jax.random.split(jax.random.fold_in(rng, 5))
+    denoise_fn = sampling.make_denoise_fn(model.apply, params, labels=samples.labels[5:6])
+    expected = jax.jit(
+        lambda: sampling.ddim_sample(
+            rng_sample,
+            denoise_fn,
             schedule,
-            per_device_batch=1,
-            image_shape=IMAGE_SHAPE,
-            sampler="ancestral",
+            (1, *IMAGE_SHAPE),
+            num_steps=3,
+            eta=0.5,
+            spacing="quadratic",
             model_mean_type=EPS,
-            model_var_type=LARGE,
         )
+    )()
+    np.testing.assert_allclose(samples.images[5:6], expected, atol=1e-5)
+
+
+def test_sampler_spec_refuses_what_the_schedule_cannot_run():
+    with pytest.raises(ValueError, match="'ancestral'"):
+        sampling.SamplerSpec(sampler="ancestral")
+    with pytest.raises(ValueError, match="num_steps must be an int in \\[1, 6\\], got 0"):
+        sampling.SamplerSpec("ddim", steps=0).validate(6)
+    with pytest.raises(ValueError, match="eta must be in"):
+        sampling.SamplerSpec("ddim", steps=3, eta=1.5).validate(6)
+    assert sampling.SamplerSpec("ddpm", steps=0).validate(6).tag == "ddpm"
+    assert sampling.SamplerSpec("ddim", steps=3, eta=0.0).tag == "ddim3-eta0"
 
 
 def test_to_uint8():

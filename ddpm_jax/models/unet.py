@@ -25,6 +25,23 @@ import jax.numpy as jnp
 from ddpm_jax.models import layers
 
 
+def check_sizes(*, ch: int, ch_mult: Sequence[int], resolution: int) -> None:
+    """The UNet's size rules: every width a multiple of the GroupNorm groups, and the resolution
+    divisible by the total downsampling factor. Raises a ValueError naming the values."""
+    widths = [ch * m for m in ch_mult]
+    if any(w % layers.NUM_GROUPS for w in widths):
+        raise ValueError(
+            f"channel widths ch * ch_mult = {widths} (ch={ch}, ch_mult={tuple(ch_mult)}) must be "
+            f"multiples of {layers.NUM_GROUPS} (GroupNorm groups)"
+        )
+    factor = 2 ** (len(ch_mult) - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"resolution {resolution} is not divisible by 2**(len(ch_mult)-1) = {factor} "
+            f"(ch_mult={tuple(ch_mult)})"
+        )
+
+
 class UNet(nn.Module):
     """The paper's UNet; `__call__(x, t, y=None, *, train)` predicts a [B, H, W, out_ch] float32.
 
@@ -134,18 +151,7 @@ class UNet(nn.Module):
         b, height, width, channels = x.shape
         if height != width:
             raise ValueError(f"x must be square; got H={height}, W={width} (shape {x.shape})")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if height % factor:
-            raise ValueError(
-                f"resolution {height} is not divisible by 2**(len(ch_mult)-1) = {factor} "
-                f"(ch_mult={tuple(self.ch_mult)})"
-            )
-        widths = [self.ch * m for m in self.ch_mult]
-        if any(w % layers.NUM_GROUPS for w in widths):
-            raise ValueError(
-                f"channel widths ch * ch_mult = {widths} must be multiples of "
-                f"{layers.NUM_GROUPS} (GroupNorm groups)"
-            )
+        check_sizes(ch=self.ch, ch_mult=self.ch_mult, resolution=height)
         if jnp.shape(t) != (b,):
             raise ValueError(f"t must have shape [B] = ({b},); got shape {jnp.shape(t)}")
         if self.num_classes is None and y is not None:

@@ -21,13 +21,11 @@ import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import jax_utils
 
-from ddpm_jax import checkpoint, diffusion, files, image_grid, sampling, train
+from ddpm_jax import experiment, files, image_grid, loop_utils, parallel, sampling, train_state
 
 
 def shard_name(index: int) -> str:
@@ -64,27 +62,6 @@ def read_shards(out_dir: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
 
 
-def _from_process_zero(flag: bool) -> bool:
-    """Process 0's `flag` on every host (process 0 alone reads and writes the shards)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
-
-
-def _gather_hosts(x: jax.Array | None) -> np.ndarray | None:
-    """This host's rows [n, ...] -> all hosts' rows [process_count * n, ...], in process order."""
-    if x is None:
-        return None
-    x = np.asarray(x)
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def generate(
     workdir: str,
     *,
@@ -92,14 +69,17 @@ def generate(
     checkpoint_step: int | None = None,
     num_samples: int,
     batch_size: int,
-    sampler: str | None = None,
-    ddim_steps: int | None = None,
-    ddim_eta: float | None = None,
     seed: int = 0,
+    **spec_overrides,
 ) -> str:
     """Samples `num_samples` images from the EMA params of a checkpoint in `workdir`.
 
-    Returns the output directory. Every host must call this (the sampler spans all devices).
+    The sampler is the checkpoint config's `sample` section with `spec_overrides` applied
+    (`sampling.SamplerSpec` fields: sampler, steps, eta, spacing, clip_denoised). Returns the
+    output directory. Every host must call this (the sampler spans all devices).
+
+    Raises:
+      ValueError: a bad argument, naming it as its command-line flag.
     """
     if num_samples <= 0:
         raise ValueError(f"--num_samples={num_samples}: must be > 0")
@@ -108,43 +88,42 @@ def generate(
             f"--batch_size={batch_size}: must be a positive multiple of the "
             f"{jax.device_count()} devices"
         )
-    ema_params, config_dict = checkpoint.restore_ema_params(workdir, step=checkpoint_step)
-    config = ml_collections.ConfigDict(config_dict)
-    sampler = sampler or config.sample.sampler
-    ddim_steps = ddim_steps or config.sample.ddim_steps
-    ddim_eta = config.sample.ddim_eta if ddim_eta is None else ddim_eta
-    tag = "ddpm" if sampler == "ddpm" else f"ddim{ddim_steps}-eta{ddim_eta:g}"
-    out_dir = check_output_dir(out_dir or os.path.join(workdir, "generated", f"{tag}-seed{seed}"))
+    ema_params, config, _ = train_state.restore_ema_params(workdir, step=checkpoint_step)
+    spec = experiment.sampler_spec(config, **spec_overrides)
+    schedule = experiment.create_schedule(config)
+    try:
+        spec.validate(schedule.num_timesteps)
+    except ValueError as e:
+        flag = "--eta" if "eta" in str(e) else "--steps"
+        value = spec.eta if flag == "--eta" else spec.steps
+        raise ValueError(f"{flag}={value}: {e}") from None
+    default_dir = os.path.join(workdir, "generated", f"{spec.tag}-seed{seed}")
+    out_dir = check_output_dir(out_dir or default_dir)
     is_main = jax.process_index() == 0
     if is_main:
         epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
 
-    size, channels = config.data.image_size, config.data.channels
     sample_fn = sampling.make_pmapped_sampler(
-        train.create_model(config).apply,
-        train.create_schedule(config),
+        experiment.create_model(config).apply,
+        schedule,
+        spec,
+        experiment.model_output(config),
         per_device_batch=batch_size // jax.device_count(),
-        image_shape=(size, size, channels),
-        model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
-        model_var_type=diffusion.ModelVarType(config.diffusion.model_var_type),
-        clip_denoised=config.sample.clip_denoised,
-        sampler=sampler,
-        ddim_steps=ddim_steps,
-        ddim_eta=ddim_eta,
-        num_classes=config.data.num_classes if config.data.class_conditional else None,
+        image_shape=experiment.image_shape(config),
+        num_classes=experiment.num_classes(config),
     )
-    params = jax_utils.replicate(ema_params)
+    params = parallel.replicate(ema_params)
     rng = jax.random.key(seed)
     num_shards = math.ceil(num_samples / batch_size)
-    progress = train.progress_bar(0, num_shards, enabled=is_main, unit="shard")
+    progress = loop_utils.progress_bar(0, num_shards, enabled=is_main, unit="shard")
     for i in range(num_shards):
         path = os.path.join(out_dir, shard_name(i))
-        if _from_process_zero(is_main and epath.Path(path).exists()):
+        if parallel.from_process_zero(is_main and epath.Path(path).exists()):
             progress.update(1)
             continue
         samples = sample_fn(jax.random.fold_in(rng, i), params)  # this host's devices' rows
-        images = _gather_hosts(sampling.to_uint8(samples.images))  # [batch_size, H, W, C]
-        labels = _gather_hosts(samples.labels)
+        images = parallel.gather_hosts(sampling.to_uint8(samples.images))  # [batch_size, H, W, C]
+        labels = parallel.gather_hosts(samples.labels)
         if is_main:
             keep = min(batch_size, num_samples - i * batch_size)
             arrays = {"arr_0": images[:keep]}

@@ -1,0 +1,271 @@
+"""The `ddpm-jax` command: subcommands, each with its own flags.
+
+    ddpm-jax train  --config configs/digits.py --workdir runs/digits [--config.train.num_steps=2000]
+    ddpm-jax sample --workdir runs/digits --num_samples 1000 [--sampler ddim --steps 50]
+    ddpm-jax eval   --workdir runs/digits --split test [--num_examples N] [--checkpoint STEP]
+    ddpm-jax eval   --workdir runs/digits --samples runs/digits/generated/ddpm-seed0  (digits)
+
+A flag given to a subcommand that does not take it is a usage error naming it; an explicit value
+is used or refused, never taken for "not given". Usage errors and invalid values (flags or config
+fields) print one line and exit 2 (`--traceback` shows the Python traceback as well). Orbax's INFO
+records are filtered out unless `--verbosity=1` (or higher) is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as std_logging
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+USAGE_EXIT_CODE = 2
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here.")
+flags.DEFINE_boolean("traceback", False, "On an error, show the Python traceback too.")
+# Multi-host (see ddpm_jax/distributed.py; auto-detected on TPU VMs, SLURM and Open MPI).
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process jobs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process jobs).")
+flags.DEFINE_integer("process_id", None, "Index of this process (multi-process jobs).")
+flags.DEFINE_string("cpu_collectives", None, "'gloo' for multi-process jobs on CPU devices.")
+flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"], "on: always (Cloud TPU VM slices); auto: detect."
+)
+# sample / eval.
+flags.DEFINE_integer("checkpoint", None, "Checkpoint step to use (default: the newest).")
+flags.DEFINE_integer("num_samples", 64, "How many images to generate.")
+flags.DEFINE_integer("batch_size", 256, "Images per shard / eval batch, over all devices.")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Default: the checkpoint config's.")
+flags.DEFINE_integer("steps", None, "DDIM steps (default: the checkpoint config's).")
+flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: the checkpoint config's).")
+flags.DEFINE_enum(
+    "spacing", None, ["uniform", "quadratic"], "DDIM timestep spacing (default: the config's)."
+)
+flags.DEFINE_integer("seed", 0, "Sampling / evaluation seed.")
+flags.DEFINE_string("out", None, "Output directory for .npz shards (default: under the workdir).")
+flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
+flags.DEFINE_integer("num_examples", None, "Evaluate the first N examples (default: all).")
+flags.DEFINE_string("samples", None, "A `sample` output dir: score its digits instead of the NLL.")
+
+DISTRIBUTED_FLAGS = (
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "cpu_collectives",
+    "distributed",
+)
+COMMON_FLAGS = ("workdir", "traceback", *DISTRIBUTED_FLAGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: what it does, its own flags (beside the common ones) and its body."""
+
+    summary: str
+    flags: tuple[str, ...]
+    run: Callable[[], None]
+
+
+def _train() -> None:
+    from ddpm_jax import loop_utils, train
+
+    if FLAGS.config is None:
+        raise app.UsageError("train needs --config (e.g. --config configs/digits.py)")
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except loop_utils.NonFiniteLossError as e:
+        logging.error("%s", e)
+        sys.exit(loop_utils.NONFINITE_EXIT_CODE)
+
+
+def _sample() -> None:
+    from ddpm_jax.commands import sample
+
+    overrides = {
+        field: FLAGS[flag].value
+        for flag, field in (("sampler", "sampler"), ("steps", "steps"), ("eta", "eta"))
+        + (("spacing", "spacing"),)
+        if FLAGS[flag].present
+    }
+    sample.generate(
+        FLAGS.workdir,
+        out_dir=FLAGS.out,
+        checkpoint_step=FLAGS.checkpoint,
+        num_samples=FLAGS.num_samples,
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        **overrides,
+    )
+
+
+def _eval() -> None:
+    import jax
+
+    from ddpm_jax.commands import evaluate
+
+    if FLAGS.samples:
+        for name in ("split", "num_examples", "batch_size", "checkpoint", "seed"):
+            if FLAGS[name].present:
+                raise app.UsageError(f"--{name} is not used with --samples (digits quality)")
+        figures, path = evaluate.evaluate_samples(FLAGS.workdir, FLAGS.samples)
+        line = evaluate.describe_quality(figures)
+    else:
+        figures, path = evaluate.evaluate_checkpoint(
+            FLAGS.workdir,
+            split=FLAGS.split,
+            num_examples=FLAGS.num_examples,
+            batch_size=FLAGS.batch_size,
+            checkpoint_step=FLAGS.checkpoint,
+            seed=FLAGS.seed,
+        )
+        line = evaluate.describe_bpd(figures)
+    if jax.process_index() == 0:
+        print(f"{line}\n  -> {path}")
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train (or resume) the model of a config", ("config",), _train),
+    "sample": Command(
+        "draw samples from a checkpoint's EMA parameters into .npz shards",
+        (
+            "checkpoint",
+            "num_samples",
+            "batch_size",
+            "sampler",
+            "steps",
+            "eta",
+            "spacing",
+            "seed",
+            "out",
+        ),
+        _sample,
+    ),
+    "eval": Command(
+        "bits/dim of a checkpoint on a split, or (--samples) the digits quality of samples",
+        ("checkpoint", "batch_size", "seed", "split", "num_examples", "samples"),
+        _eval,
+    ),
+}
+# Where a flag given to the wrong subcommand belongs instead.
+_INSTEAD = {
+    ("train", "batch_size"): "the training batch is --config.train.batch_size",
+    ("train", "seed"): "the training seed is --config.seed",
+    ("train", "sampler"): "the training-time grids use --config.sample.sampler",
+    ("train", "steps"): "training runs --config.train.num_steps",
+    ("train", "num_samples"): "the training-time grids hold --config.sample.num_grid",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ddpm-jax {" + "|".join(COMMANDS) + "} --workdir DIR [flags]", ""]
+    lines += [f"  {name:<8}{cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "ddpm-jax COMMAND --help lists the flags of COMMAND."]
+    return "\n".join(lines)
+
+
+def _command_help(name: str) -> str:
+    """The flags `name` takes, with their help strings and defaults."""
+    command = COMMANDS[name]
+    lines = [f"ddpm-jax {name}: {command.summary}", ""]
+    for flag in (*command.flags, *COMMON_FLAGS):
+        f = FLAGS[flag]
+        default = "" if f.default is None else f" (default: {f.default!r})"
+        lines.append(f"  --{flag}: {f.help}{default}")
+    if name == "train":
+        lines.append("  --config.SECTION.FIELD=VALUE: override one field of the config")
+    return "\n".join(lines)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    positional = [a for a in argv[1:] if not a.startswith("-")]
+    return positional[0] if positional else None
+
+
+def _check_flags(command: str) -> None:
+    """Refuses a flag the command does not take, naming it and what to use instead."""
+    allowed = set(COMMANDS[command].flags) | set(COMMON_FLAGS)
+    ours = set(COMMON_FLAGS) | {f for cmd in COMMANDS.values() for f in cmd.flags}
+    for name in sorted(ours - allowed):
+        if FLAGS[name].present:
+            owners = [c for c, cmd in COMMANDS.items() if name in cmd.flags]
+            hint = _INSTEAD.get((command, name), f"it is a flag of {' / '.join(owners)}")
+            raise app.UsageError(f"--{name} is not a flag of `{command}`: {hint}")
+    if command != "train":
+        for name in FLAGS:
+            if (name == "config" or name.startswith("config.")) and FLAGS[name].present:
+                raise app.UsageError(
+                    f"--{name} is not a flag of `{command}`: it uses the checkpoint's own config"
+                )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags parser, with per-command help and one-line errors (exit 2)."""
+    command = _command_of(argv)
+    if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+        print(_command_help(command) if command in COMMANDS else _usage())
+        sys.exit(0)
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # config_flags reports an unknown --config.a.b as an AttributeError with a suggestion.
+        text = " ".join(str(e).replace("\\n", " ").replace("\n", " ").split()).strip("'\"")
+        _fail(f"error: {text}")
+
+
+def _fail(message: str) -> None:
+    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Drops orbax's INFO records (about 90 lines per checkpoint) unless --verbosity >= 1."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1:
+            return True
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def main(argv: list[str]) -> None:
+    command = _command_of(argv)
+    if len([a for a in argv[1:] if not a.startswith("-")]) != 1 or command not in COMMANDS:
+        raise app.UsageError(_usage().splitlines()[0])
+    if not FLAGS.workdir:
+        raise app.UsageError(f"{command} needs --workdir")
+    _check_flags(command)
+    from ddpm_jax import distributed, experiment
+
+    distributed.maybe_initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        cpu_collectives=FLAGS.cpu_collectives,
+        distributed=FLAGS.distributed,
+    )
+    distributed.log_topology()
+    try:
+        COMMANDS[command].run()
+    except (experiment.ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+        if FLAGS.traceback:
+            raise
+        _fail(f"error: {e}")
+
+
+def _run_main(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except app.UsageError as e:
+        if FLAGS.traceback:
+            raise
+        _fail(f"usage error: {e}")
+
+
+def run() -> None:
+    """Console-script entry point (`ddpm-jax`)."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    app.run(_run_main, flags_parser=parse_flags)
