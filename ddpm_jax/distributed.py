@@ -1,4 +1,4 @@
-"""Multi-host start-up through JAX's own distributed runtime (TPU pods, SLURM/MPI GPU clusters).
+"""Multi-host start-up through JAX's distributed runtime (TPU pods, SLURM/MPI, Kubernetes).
 
 `maybe_initialize` calls `jax.distributed.initialize` once, before anything touches a device:
 
