@@ -388,7 +388,7 @@ def test_tpu_pod_sh_trains_on_every_worker(tmp_path):
     data_gcs = tmp_path / "bucket" / "tensorflow_datasets"
     (data_gcs / "cifar10").mkdir(parents=True)
     (data_gcs / "cifar10" / "marker").write_text("prepared")
-    workdir = tmp_path / "run"
+    workdir = tmp_path / "run 1"  # a space: the remote command quotes the workdir
     env = _environment(
         PATH=f"{fake_bin}:{os.environ['PATH']}",
         FAKE_GCLOUD_ROOT=str(fake_root),
