@@ -4,9 +4,13 @@ Run (the built-in default, digits):
   python -m ddpm_jax.main train --config configs/digits.py --workdir runs/digits
 
 Every field can be overridden on the command line, e.g. `--config.train.num_steps=2000`.
+ml_collections refuses to override a field whose default is a bare None (it cannot tell the type),
+so an optional field is declared with `config_dict.placeholder(TYPE)`: None until set, and
+settable from the command line. Readers treat None and "" alike ("not set").
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: a tfds name (read with tfds.data_source, no TensorFlow), or "digits" (built in).
     config.data = data = ml_collections.ConfigDict()
     data.name = "digits"
-    data.data_dir = None  # tfds data_dir; a gs:// bucket on a pod.
+    # tfds data_dir; a gs:// bucket on a pod. Unset (None, or "") = tfds's default data_dir.
+    data.data_dir = config_dict.placeholder(str)
     data.split = "train"
     data.eval_split = "test"
     data.image_size = 8

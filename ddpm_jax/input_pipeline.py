@@ -179,7 +179,8 @@ def digits_source(split: str) -> ArraySource:
 
 
 def _tfds_source(config_data, split: str) -> TfdsSource:
-    data_source = _open_tfds(config_data.name, split, config_data.data_dir)
+    # An unset data_dir (the config's placeholder None, or "" from a launcher) is tfds's default.
+    data_source = _open_tfds(config_data.name, split, config_data.data_dir or None)
     features = data_source.dataset_info.features
     if "image" not in features:
         raise ValueError(f"tfds dataset {config_data.name!r} has no 'image' feature.")

@@ -74,12 +74,14 @@ if [[ -n "$DATA_GCS" ]]; then
   "${on_all[@]}" --command "mkdir -p ${DATA_DIR} && gcloud storage rsync -r ${DATA_GCS} ${DATA_DIR}"
 fi
 
-# 4. The same command on every worker. Arguments are quoted for the remote shell.
+# 4. The same command on every worker. Arguments are quoted for the remote shell (DATA_DIR is
+#    not: it may name the workers' $HOME).
 extra=""
 (($#)) && extra=$(printf ' %q' "$@")
 "${on_all[@]}" --command "
   cd ~/ddpm_jax
-  nohup python3 -m ddpm_jax.main train --config configs/${CONFIG} --workdir ${WORKDIR} \
+  nohup python3 -m ddpm_jax.main train --config $(printf %q "configs/${CONFIG}") \
+    --workdir $(printf %q "${WORKDIR}") \
     --distributed=on --config.data.data_dir=${DATA_DIR}${extra} < /dev/null > ~/ddpm_train.log 2>&1 &
   echo \"\$(hostname): started (pid \$!), log ~/ddpm_train.log\"
 "
