@@ -7,7 +7,7 @@ its weight download is replaced, and every weight and BatchNorm statistic is the
 
 import copy
 import logging
-import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,27 +19,11 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 
-def _import_torchvision():
-    """torchvision; with a CPU-only torch, PyPI's torchvision has no loadable C ops and its
-    import fails registering fakes for them: define the two op schemas it needs and retry."""
-    try:
-        import torchvision
-    except RuntimeError as error:
-        if "torchvision::" not in str(error):
-            raise
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_torchvision.library = library  # kept alive: dropping it undefines the ops
-        import torchvision
-    return torchvision
-
-
-_import_torchvision()
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-fid_score = pytest.importorskip("pytorch_fid.fid_score")
+@pytest.fixture(scope="module")
+def pytorch_fid():
+    """pytorch_fid's inception and fid_score modules (torchvision made importable by conftest)."""
+    inception_module = pytest.importorskip("pytorch_fid.inception")
+    return inception_module, pytest.importorskip("pytorch_fid.fid_score")
 
 
 def _max_relative_error(got, expected):
@@ -47,33 +31,25 @@ def _max_relative_error(got, expected):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(pytorch_fid):
     """(pytorch-fid's InceptionV3 wrapper, the Inception3 inside it), random weights, float64."""
     torch.set_num_threads(2)
-    built = {}
-    module = pytorch_fid_inception
-    original = (module.load_state_dict_from_url, module.fid_inception_v3)
+    module, built = pytorch_fid[0], []
+    build = module.fid_inception_v3
 
-    def no_download(*args, **kwargs):
-        return None
+    def recording_build():  # pytorch-fid's InceptionV3 keeps only the blocks; we want fc too
+        built.append(build())
+        return built[-1]
 
-    def recording_fid_inception_v3():
-        # pytorch-fid builds the FID network, then loads the downloaded weights into it.
-        net = module.torchvision.models.Inception3.load_state_dict
-        module.torchvision.models.Inception3.load_state_dict = lambda self, state: None
-        try:
-            built["net"] = original[1]()
-        finally:
-            module.torchvision.models.Inception3.load_state_dict = net
-        return built["net"]
-
-    module.load_state_dict_from_url = no_download
-    module.fid_inception_v3 = recording_fid_inception_v3
-    try:
+    # pytorch-fid builds its FID network, then loads downloaded weights into it: skip both.
+    inception3 = module.torchvision.models.Inception3
+    with (
+        mock.patch.object(module, "load_state_dict_from_url", lambda *args, **kwargs: None),
+        mock.patch.object(inception3, "load_state_dict", lambda self, state_dict: None),
+        mock.patch.object(module, "fid_inception_v3", recording_build),
+    ):
         wrapper = module.InceptionV3([module.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    finally:
-        module.load_state_dict_from_url, module.fid_inception_v3 = original
-    net = built["net"]
+    net = built[0]
     _randomise(net)
     return wrapper.eval().double(), net.eval().double()
 
@@ -140,7 +116,8 @@ def _random_statistics(rng, d, n):
 
 
 @pytest.mark.parametrize("n", [500, 20], ids=["full-rank", "rank-deficient"])
-def test_frechet_distance_matches_pytorch_fid(n):
+def test_frechet_distance_matches_pytorch_fid(pytorch_fid, n):
+    fid_score = pytorch_fid[1]
     rng = np.random.default_rng(n)
     mu1, sigma1 = _random_statistics(rng, 64, n)
     mu2, sigma2 = _random_statistics(rng, 64, n)
@@ -162,7 +139,8 @@ def _singular_product_statistics():
     return rng.standard_normal(6), sigma1, rng.standard_normal(6), sigma2
 
 
-def test_frechet_distance_eps_path_matches_pytorch_fid(caplog):
+def test_frechet_distance_eps_path_matches_pytorch_fid(pytorch_fid, caplog):
+    fid_score = pytorch_fid[1]
     mu1, sigma1, mu2, sigma2 = _singular_product_statistics()
     expected = fid_score.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
     with caplog.at_level(logging.WARNING):
