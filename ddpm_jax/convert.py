@@ -448,5 +448,118 @@ def _mismatch_message(config, missing: list[str], extra: list[str], misshaped: l
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- export: ours -> diffusers
+
+_PREDICTION_TYPES = {"epsilon": "epsilon", "x_start": "sample", "v": "v_prediction"}
+
+
+def to_diffusers(
+    params: Mapping[str, Any], config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
+    """Our UNet params -> a diffusers UNet2DModel state dict (the inverse of `from_diffusers`).
+
+    Args:
+      params: the params tree of `UNet(**unet_kwargs(config))` (no "params" wrapper), numpy or
+        jax arrays.
+      config: our experiment config (model section, data.image_size, data.channels).
+
+    Returns:
+      diffusers name -> float32 numpy array in torch's layout (conv (out, in, kh, kw), linear
+      (out, in)), ready for safetensors or `UNet2DModel.load_state_dict`.
+
+    Raises:
+      ValueError listing every missing, extra or mis-shaped parameter.
+    """
+    expected = flax.traverse_util.flatten_dict(_param_shapes(config))
+    given = flax.traverse_util.flatten_dict(jax.device_get(dict(params)))
+    missing = [f"{'/'.join(p)} {s.shape}" for p, s in expected.items() if p not in given]
+    extra = sorted(f"{'/'.join(p)} {np.shape(v)}" for p, v in given.items() if p not in expected)
+    misshaped = [
+        f"{'/'.join(p)}: got {np.shape(given[p])}, expected {s.shape}"
+        for p, s in expected.items()
+        if p in given and np.shape(given[p]) != s.shape
+    ]
+    if missing or extra or misshaped:
+        raise ValueError(
+            _mismatch_message(config, missing, extra, misshaped).replace(
+                "the diffusers state dict", "the params"
+            )
+        )
+    num_levels = len(config.model.ch_mult)
+    state_dict = {}
+    for path, value in given.items():
+        value = np.asarray(value, np.float32)
+        if path[-1] == "kernel":  # flax ([kh, kw,] in, out) -> torch (out, in[, kh, kw])
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        state_dict[_torch_key(path, num_levels)] = np.ascontiguousarray(value)
+    return state_dict
+
+
+def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The diffusers DDPMScheduler config (scheduler_config.json) of our diffusion section.
+
+    A linear schedule is written as beta_start/beta_end (the inverse of
+    `apply_scheduler_config`); any other (or a capped linear one) as its exact trained_betas.
+    """
+    from ddpm_jax import schedules  # noqa: PLC0415 - kept local: appended export section
+
+    diffusion = config.diffusion
+    variance = diffusion.model_var_type
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"model_var_type={variance!r}: diffusers' DDPMScheduler has no match")
+    if diffusion.model_mean_type not in _PREDICTION_TYPES:
+        raise ValueError(f"model_mean_type={diffusion.model_mean_type!r} has no prediction_type")
+    num_timesteps = int(diffusion.num_timesteps)
+    betas = schedules.get_beta_schedule(diffusion.beta_schedule, num_timesteps)
+    scale = 1000 / num_timesteps
+    start, end = schedules.BETA_START * scale, schedules.BETA_END * scale
+    cfg = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": num_timesteps,
+        "variance_type": variance,
+        "clip_sample": bool(config.sample.clip_denoised),
+        "prediction_type": _PREDICTION_TYPES[diffusion.model_mean_type],
+    }
+    if diffusion.beta_schedule == "linear" and np.allclose(
+        betas, np.linspace(start, end, num_timesteps), rtol=1e-12, atol=0
+    ):
+        cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=None)
+    else:
+        cfg.update(beta_schedule="linear", trained_betas=[float(b) for b in betas])
+    return cfg
+
+
+def export_diffusers(
+    params: Mapping[str, Any], config: ml_collections.ConfigDict, out_dir: str
+) -> None:
+    """Writes a diffusers model directory: config.json, diffusion_pytorch_model.safetensors and
+    scheduler/scheduler_config.json (local or gs://; each file written whole).
+
+    `UNet2DModel.from_pretrained(out_dir)` and
+    `DDPMScheduler.from_pretrained(out_dir, subfolder="scheduler")` load it; so does
+    `python -m ddpm_jax.convert --from out_dir`.
+    """
+    import safetensors.numpy  # noqa: PLC0415 - kept local: appended export section
+
+    from ddpm_jax import files  # noqa: PLC0415
+
+    state_dict = to_diffusers(params, config)
+    num_classes = config.data.num_classes if config.data.class_conditional else None
+    unet_cfg = diffusers_config(
+        config.model, config.data.image_size, config.data.channels, num_classes=num_classes
+    )
+    unet_cfg = {"_class_name": "UNet2DModel", **unet_cfg}
+    out_dir = str(out_dir).rstrip("/")
+    weights = safetensors.numpy.save(state_dict, metadata={"format": "pt"})
+    files.write_bytes_atomically(f"{out_dir}/diffusion_pytorch_model.safetensors", weights)
+    files.write_bytes_atomically(f"{out_dir}/config.json", _json_bytes(unet_cfg))
+    scheduler_path = f"{out_dir}/scheduler/scheduler_config.json"
+    files.write_bytes_atomically(scheduler_path, _json_bytes(scheduler_config(config)))
+
+
+def _json_bytes(data: Mapping[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 if __name__ == "__main__":
     main()

@@ -42,3 +42,34 @@ def workdir(tmp_path_factory):
     state = train_state.create(jax.random.key(0), config, experiment.create_model(config))
     train_state.save_pretrained(str(path), jax.device_get(state.params), config)
     return str(path)
+
+
+def pytest_runtest_setup(item):
+    """Before a torch-marked test: make torchvision importable (pytorch-fid, diffusers use it)."""
+    if item.get_closest_marker("torch") is not None:
+        _import_torchvision_without_ops()
+
+
+def _import_torchvision_without_ops():
+    """PyPI's torchvision is built against CUDA torch; beside torch's CPU build its C ops don't
+    load, and its import then fails registering fake kernels for two of them (nms, qnms).
+    Defining those two op schemas lets the pure-python rest (models, transforms) import."""
+    import importlib.util
+    import sys
+
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            raise
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _import_torchvision_without_ops.library = library  # dropping it would undefine them
+        import torchvision  # noqa: F401
