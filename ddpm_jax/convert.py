@@ -459,7 +459,7 @@ def to_diffusers(
     """Our UNet params -> a diffusers UNet2DModel state dict (the inverse of `from_diffusers`).
 
     Args:
-      params: the params tree of `UNet(**unet_kwargs(config))` (no "params" wrapper), numpy or
+      params: the params tree of `experiment.create_model(config)` (no "params" wrapper), numpy or
         jax arrays.
       config: our experiment config (model section, data.image_size, data.channels).
 
@@ -470,7 +470,7 @@ def to_diffusers(
     Raises:
       ValueError listing every missing, extra or mis-shaped parameter.
     """
-    expected = flax.traverse_util.flatten_dict(_param_shapes(config))
+    expected = flax.traverse_util.flatten_dict(param_shapes(config))
     given = flax.traverse_util.flatten_dict(jax.device_get(dict(params)))
     missing = [f"{'/'.join(p)} {s.shape}" for p, s in expected.items() if p not in given]
     extra = sorted(f"{'/'.join(p)} {np.shape(v)}" for p, v in given.items() if p not in expected)
@@ -491,7 +491,7 @@ def to_diffusers(
         value = np.asarray(value, np.float32)
         if path[-1] == "kernel":  # flax ([kh, kw,] in, out) -> torch (out, in[, kh, kw])
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-        state_dict[_torch_key(path, num_levels)] = np.ascontiguousarray(value)
+        state_dict[torch_key(path, num_levels)] = np.ascontiguousarray(value)
     return state_dict
 
 

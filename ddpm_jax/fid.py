@@ -21,14 +21,13 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from scipy import linalg
 
-from ddpm_jax import files
+from ddpm_jax import files, parallel
 from ddpm_jax.models import inception
 
 FeatureFn = Callable[[np.ndarray], inception.InceptionOutput]
@@ -136,8 +135,8 @@ def make_feature_fn(
             images = jnp.repeat(images, 3, axis=-1)
         return model.apply({"params": params}, images)
 
-    sharded = jax.pmap(apply, axis_name="batch", devices=devices)
-    replicated = flax.jax_utils.replicate(params, devices)  # once: ~95 MB per device
+    sharded = parallel.pmap(apply, devices=devices)
+    replicated = parallel.replicate(params, devices)  # once: ~95 MB per device
 
     def feature_fn(images: np.ndarray) -> inception.InceptionOutput:
         images = _check_images(images)
