@@ -4,6 +4,10 @@
     ddpm-jax sample --workdir runs/digits --num_samples 1000 [--sampler ddim --steps 50]
     ddpm-jax eval   --workdir runs/digits --split test [--num_examples N] [--checkpoint STEP]
     ddpm-jax eval   --workdir runs/digits --samples runs/digits/generated/ddpm-seed0  (digits)
+    ddpm-jax eval   --workdir RUN --samples DIR --fid --ref STATS.npz --fid_weights W.npz
+    ddpm-jax export --workdir RUN --out DIR          (diffusers UNet2DModel + scheduler)
+    ddpm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out W.npz
+    ddpm-jax fid-stats --config configs/cifar10.py --split train --fid_weights W.npz --out S.npz
 
 A flag given to a subcommand that does not take it is a usage error naming it; an explicit value
 is used or refused, never taken for "not given". Usage errors and invalid values (flags or config
@@ -46,10 +50,20 @@ flags.DEFINE_enum(
     "spacing", None, ["uniform", "quadratic"], "DDIM timestep spacing (default: the config's)."
 )
 flags.DEFINE_integer("seed", 0, "Sampling / evaluation seed.")
-flags.DEFINE_string("out", None, "Output directory for .npz shards (default: under the workdir).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "sample: the shard directory (default: under the workdir); export: a directory; "
+    "fid-weights / fid-stats: the .npz file to write.",
+)
 flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N examples (default: all).")
-flags.DEFINE_string("samples", None, "A `sample` output dir: score its digits instead of the NLL.")
+flags.DEFINE_string("samples", None, "A `sample` output dir: score it instead of the NLL.")
+# FID (eval --fid, fid-stats, fid-weights) and export.
+flags.DEFINE_boolean("fid", False, "With --samples: FID against --ref and the Inception Score.")
+flags.DEFINE_string("ref", None, "Reference statistics (.npz with mu, sigma) for --fid.")
+flags.DEFINE_string("fid_weights", None, "Converted Inception weights (`ddpm-jax fid-weights`).")
+flags.DEFINE_string("from", None, "pytorch-fid's pt_inception-2015-12-05-*.pth to convert.")
 
 DISTRIBUTED_FLAGS = (
     "coordinator_address",
@@ -58,23 +72,25 @@ DISTRIBUTED_FLAGS = (
     "cpu_collectives",
     "distributed",
 )
-COMMON_FLAGS = ("workdir", "traceback", *DISTRIBUTED_FLAGS)
+COMMON_FLAGS = ("traceback", *DISTRIBUTED_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: what it does, its own flags (beside the common ones) and its body."""
+    """A subcommand: what it does, its own flags (beside the common ones) and its body.
+
+    `required` flags must be given (a usage error names the first one missing).
+    """
 
     summary: str
     flags: tuple[str, ...]
     run: Callable[[], None]
+    required: tuple[str, ...] = ("workdir",)
 
 
 def _train() -> None:
     from ddpm_jax import loop_utils, train
 
-    if FLAGS.config is None:
-        raise app.UsageError("train needs --config (e.g. --config configs/digits.py)")
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except loop_utils.NonFiniteLossError as e:
@@ -107,10 +123,20 @@ def _eval() -> None:
 
     from ddpm_jax.commands import evaluate
 
+    if FLAGS.fid or FLAGS.ref or FLAGS.fid_weights:
+        for name in ("fid", "samples", "ref", "fid_weights"):
+            if not FLAGS[name].value:
+                raise app.UsageError(f"eval --fid needs --{name}")
     if FLAGS.samples:
         for name in ("split", "num_examples", "batch_size", "checkpoint", "seed"):
             if FLAGS[name].present:
-                raise app.UsageError(f"--{name} is not used with --samples (digits quality)")
+                raise app.UsageError(f"--{name} is not used with --samples")
+    if FLAGS.fid:
+        figures, path = evaluate.evaluate_fid(
+            FLAGS.workdir, FLAGS.samples, ref=FLAGS.ref, weights_path=FLAGS.fid_weights
+        )
+        line = evaluate.describe_fid(figures)
+    elif FLAGS.samples:
         figures, path = evaluate.evaluate_samples(FLAGS.workdir, FLAGS.samples)
         line = evaluate.describe_quality(figures)
     else:
@@ -127,11 +153,45 @@ def _eval() -> None:
         print(f"{line}\n  -> {path}")
 
 
+def _export() -> None:
+    from ddpm_jax import convert, train_state
+
+    params, config, step = train_state.restore_ema_params(FLAGS.workdir, step=FLAGS.checkpoint)
+    convert.export_diffusers(params, config, FLAGS.out)
+    print(f"exported the EMA parameters of step {step} to {FLAGS.out} (diffusers UNet2DModel)")
+
+
+def _fid_weights() -> None:
+    from ddpm_jax.models import inception
+
+    inception.convert_weights_file(FLAGS["from"].value, FLAGS.out)
+    print(f"wrote the FID Inception weights to {FLAGS.out}")
+
+
+def _fid_stats() -> None:
+    from ddpm_jax.commands import fid
+
+    summary = fid.reference_stats(
+        FLAGS.config.data,
+        split=FLAGS.split or FLAGS.config.data.split,
+        weights_path=FLAGS.fid_weights,
+        out=FLAGS.out,
+        num_examples=FLAGS.num_examples,
+    )
+    print(f"{summary['num_images']} {summary['split']} images -> {summary['out']}")
+
+
 COMMANDS: dict[str, Command] = {
-    "train": Command("train (or resume) the model of a config", ("config",), _train),
+    "train": Command(
+        "train (or resume) the model of a config",
+        ("workdir", "config"),
+        _train,
+        required=("workdir", "config"),
+    ),
     "sample": Command(
         "draw samples from a checkpoint's EMA parameters into .npz shards",
         (
+            "workdir",
             "checkpoint",
             "num_samples",
             "batch_size",
@@ -146,8 +206,37 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command(
         "bits/dim of a checkpoint on a split, or (--samples) the digits quality of samples",
-        ("checkpoint", "batch_size", "seed", "split", "num_examples", "samples"),
+        (
+            "workdir",
+            "checkpoint",
+            "batch_size",
+            "seed",
+            "split",
+            "num_examples",
+            "samples",
+            "fid",
+            "ref",
+            "fid_weights",
+        ),
         _eval,
+    ),
+    "export": Command(
+        "write a checkpoint's EMA parameters as a diffusers UNet2DModel directory",
+        ("workdir", "checkpoint", "out"),
+        _export,
+        required=("workdir", "out"),
+    ),
+    "fid-weights": Command(
+        "convert pytorch-fid's Inception weights (.pth) into ours (.npz, no pickle)",
+        ("from", "out"),
+        _fid_weights,
+        required=("from", "out"),
+    ),
+    "fid-stats": Command(
+        "FID reference statistics (mu, sigma) of a config's dataset split",
+        ("config", "split", "num_examples", "fid_weights", "out"),
+        _fid_stats,
+        required=("config", "fid_weights", "out"),
     ),
 }
 # Where a flag given to the wrong subcommand belongs instead.
@@ -161,7 +250,7 @@ _INSTEAD = {
 
 
 def _usage() -> str:
-    lines = ["usage: ddpm-jax {" + "|".join(COMMANDS) + "} --workdir DIR [flags]", ""]
+    lines = ["usage: ddpm-jax {" + "|".join(COMMANDS) + "} [flags]", ""]
     lines += [f"  {name:<8}{cmd.summary}" for name, cmd in COMMANDS.items()]
     lines += ["", "ddpm-jax COMMAND --help lists the flags of COMMAND."]
     return "\n".join(lines)
@@ -175,7 +264,7 @@ def _command_help(name: str) -> str:
         f = FLAGS[flag]
         default = "" if f.default is None else f" (default: {f.default!r})"
         lines.append(f"  --{flag}: {f.help}{default}")
-    if name == "train":
+    if "config" in command.flags:
         lines.append("  --config.SECTION.FIELD=VALUE: override one field of the config")
     return "\n".join(lines)
 
@@ -194,12 +283,15 @@ def _check_flags(command: str) -> None:
             owners = [c for c, cmd in COMMANDS.items() if name in cmd.flags]
             hint = _INSTEAD.get((command, name), f"it is a flag of {' / '.join(owners)}")
             raise app.UsageError(f"--{name} is not a flag of `{command}`: {hint}")
-    if command != "train":
+    if "config" not in COMMANDS[command].flags:
         for name in FLAGS:
             if (name == "config" or name.startswith("config.")) and FLAGS[name].present:
                 raise app.UsageError(
                     f"--{name} is not a flag of `{command}`: it uses the checkpoint's own config"
                 )
+    for name in COMMANDS[command].required:
+        if FLAGS[name].value in (None, ""):
+            raise app.UsageError(f"{command} needs --{name}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -234,10 +326,8 @@ def main(argv: list[str]) -> None:
     command = _command_of(argv)
     if len([a for a in argv[1:] if not a.startswith("-")]) != 1 or command not in COMMANDS:
         raise app.UsageError(_usage().splitlines()[0])
-    if not FLAGS.workdir:
-        raise app.UsageError(f"{command} needs --workdir")
     _check_flags(command)
-    from ddpm_jax import distributed, experiment
+    from ddpm_jax import distributed
 
     distributed.maybe_initialize(
         coordinator_address=FLAGS.coordinator_address,
@@ -249,7 +339,7 @@ def main(argv: list[str]) -> None:
     distributed.log_topology()
     try:
         COMMANDS[command].run()
-    except (experiment.ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         if FLAGS.traceback:
             raise
         _fail(f"error: {e}")

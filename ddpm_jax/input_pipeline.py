@@ -441,6 +441,16 @@ def _layout(global_batch_size, process_index, process_count, local_device_count)
     return _Layout(host, local_device_count)
 
 
+def iterate_images(source, *, batch_size: int, num_examples: int | None = None):
+    """uint8 image batches [<= batch_size, H, W, C] of the first `num_examples` of a source, in
+    order (for reference statistics; the training and eval iterators feed devices instead)."""
+    total = len(source) if num_examples is None else min(num_examples, len(source))
+    with futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        for start in range(0, total, batch_size):
+            indices = np.arange(start, min(start + batch_size, total))
+            yield _read(source, indices, pool)[0]
+
+
 def _read(source, indices: np.ndarray, pool) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [n, H, W, C] (a fresh array) and int32 labels [n] of `indices`."""
     if isinstance(source, ArraySource):

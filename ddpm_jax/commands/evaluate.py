@@ -138,3 +138,31 @@ def describe_quality(figures: dict[str, Any]) -> str:
         f"classes {figures['class_counts']}; real test digits: "
         f"{100 * ref['confident_share']:.1f}%, evenness {ref['evenness']:.3f}"
     )
+
+
+def evaluate_fid(
+    workdir: str, samples_dir: str, *, ref: str, weights_path: str
+) -> tuple[dict[str, Any], str]:
+    """FID and IS of the shards in `samples_dir`, written to <workdir>/eval/fid-<dir name>.json."""
+    from ddpm_jax.commands import fid
+
+    fid.check_weights(weights_path)  # before any work
+    images = sample_command.read_shards(samples_dir)
+    if images.size == 0:
+        raise FileNotFoundError(f"No samples_*.npz shards in {samples_dir}")
+    figures = {
+        "samples_dir": samples_dir,
+        **fid.sample_scores(images, ref=ref, weights_path=weights_path),
+    }
+    name = os.path.basename(os.path.normpath(samples_dir))
+    path = result_path(workdir, "fid", name, f"n{figures['num_samples']}")
+    if jax.process_index() == 0:
+        write_json(path, figures)
+    return figures, path
+
+
+def describe_fid(figures: dict[str, Any]) -> str:
+    """One line from `evaluate_fid`'s figures."""
+    from ddpm_jax.commands import fid
+
+    return fid.describe(figures)
