@@ -81,4 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
     sample.ddim_eta = 0.0
     sample.ddim_spacing = "uniform"  # uniform | quadratic
     sample.clip_denoised = True
+
+    # FID during training (0: off). Needs converted Inception weights (`ddpm-jax fid-weights`)
+    # and reference statistics (`ddpm-jax fid-stats`); strings default to "" (not None, which
+    # the command line could not override). The samples come from the grid's sampler.
+    config.eval = eval_ = ml_collections.ConfigDict()
+    eval_.fid_every = 0
+    eval_.fid_num_samples = 5000
+    eval_.fid_batch = 256  # images per sampler call, over all devices
+    eval_.fid_ref = ""
+    eval_.fid_weights = ""
     return config

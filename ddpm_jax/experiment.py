@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from ddpm_jax import diffusion, sampling, schedules
 from ddpm_jax.models import unet
@@ -60,6 +61,7 @@ def _validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     _validate_optim(config.optim)
     _validate_train(config.train, device_count=device_count)
     _validate_sample(config.sample, num_timesteps=config.diffusion.num_timesteps)
+    _validate_eval(config.eval, device_count=device_count)
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:
@@ -169,6 +171,22 @@ def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -
         raise ValueError(
             f"{p}.ddim_steps={sample.ddim_steps}: more than the {num_timesteps} diffusion steps"
         )
+
+
+def _validate_eval(cfg: ml_collections.ConfigDict, *, device_count: int) -> None:
+    p = "config.eval"
+    _check_int(cfg, "fid_every", minimum=0, prefix=p)
+    if cfg.fid_every == 0:
+        return
+    _check_int(cfg, "fid_num_samples", minimum=2, prefix=p)
+    _check_int(cfg, "fid_batch", minimum=1, prefix=p)
+    if cfg.fid_batch % device_count:
+        raise ValueError(
+            f"{p}.fid_batch={cfg.fid_batch} is not divisible by the {device_count} devices"
+        )
+    for field in ("fid_ref", "fid_weights"):
+        if not isinstance(cfg[field], str) or not epath.Path(cfg[field] or ".none").exists():
+            raise ValueError(f"{p}.{field}={cfg[field]!r}: no such file (needed by fid_every)")
 
 
 def _check_choice(section, field: str, choice: type[enum.Enum], *, prefix: str) -> None:

@@ -187,3 +187,35 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     top = np.max(x, axis=axis, keepdims=True)
     return top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
+
+
+def make_sample_fid(
+    sample_fn: Callable,
+    feature_fn: FeatureFn,
+    ref: tuple[np.ndarray, np.ndarray],
+    *,
+    num_samples: int,
+    to_uint8: Callable,
+) -> Callable:
+    """fid(rng, params) -> {"fid", "inception_score"} of `num_samples` fresh samples.
+
+    Built once (the sampler and the feature network compile once); call i of the sampler uses
+    fold_in(rng, i). `sample_fn(rng, params)` returns Samples of this host's devices.
+    """
+    mu_ref, sigma_ref = ref
+
+    def evaluate(rng, params) -> dict[str, float]:
+        pools, logits, count, i = [], [], 0, 0
+        while count < num_samples:
+            images = np.asarray(to_uint8(sample_fn(jax.random.fold_in(rng, i), params).images))
+            out = feature_fn(images[: num_samples - count])
+            pools.append(out.pool)
+            logits.append(out.logits_unbiased)
+            count, i = count + len(out.pool), i + 1
+        mu, sigma = statistics(np.concatenate(pools))
+        return {
+            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
+            "inception_score": inception_score(np.concatenate(logits))[0],
+        }
+
+    return evaluate

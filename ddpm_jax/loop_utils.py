@@ -196,6 +196,16 @@ class Writer:
                 values["images_per_sec"],
             )
 
+    def eval_scalars(self, step: int, values: dict[str, float]):
+        """Evaluation figures (FID, IS): TensorBoard "eval/*", a metrics.jsonl line, a log line."""
+        for name, value in values.items():
+            self._tb.add_scalar(f"eval/{name}", value, step)
+        line = json.dumps({"step": step, **{f"eval/{k}": v for k, v in values.items()}}) + "\n"
+        files.append_text(os.path.join(self._workdir, "metrics.jsonl"), line)
+        logging.info(
+            "step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+        )
+
     def images(self, step: int, images: np.ndarray):
         path = os.path.join(self._workdir, "samples", f"step_{step:08d}.png")
         image_grid.save_png(images, path)

@@ -241,6 +241,34 @@ def make_grid_sampler(config: ml_collections.ConfigDict, model, schedule) -> Cal
     return lambda rng, params: np.asarray(sampling.to_uint8(sample_fn(rng, params).images))[:num]
 
 
+def make_fid_evaluator(config: ml_collections.ConfigDict, model, schedule) -> Callable:
+    """fid(rng, ema_params_replicated) -> {"fid", "inception_score"} of config.eval's samples.
+
+    Built once, before the loop: the sampler (config.sample's) and the Inception network compile
+    once. Each host scores its own devices' samples; process 0's figures are logged.
+    """
+    from ddpm_jax import fid
+    from ddpm_jax.models import inception
+
+    sample_fn = sampling.make_pmapped_sampler(
+        model.apply,
+        schedule,
+        experiment.sampler_spec(config),
+        experiment.model_output(config),
+        per_device_batch=config.eval.fid_batch // jax.device_count(),
+        image_shape=experiment.image_shape(config),
+        num_classes=experiment.num_classes(config),
+    )
+    feature_fn = fid.make_feature_fn(inception.load_weights(config.eval.fid_weights))
+    return fid.make_sample_fid(
+        sample_fn,
+        feature_fn,
+        fid.load_stats(config.eval.fid_ref),
+        num_samples=config.eval.fid_num_samples,
+        to_uint8=sampling.to_uint8,
+    )
+
+
 def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
     """The body of `train_and_evaluate`, after validation, with SIGTERM recorded."""
     is_main = jax.process_index() == 0
@@ -251,7 +279,8 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
     try:
         rng = jax.random.key(config.seed)
         init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
-        del rng
+        grid_rng, fid_rng = jax.random.split(sample_rng)
+        del rng, sample_rng
         schedule = experiment.create_schedule(config)
         model = experiment.create_model(config)
         state = train_state.create(init_rng, config, model)
@@ -271,6 +300,8 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
         )
         p_train_step = make_p_train_step(config, schedule)
         grid = make_grid_sampler(config, model, schedule)
+        fid_every = config.eval.fid_every
+        score_fid = make_fid_evaluator(config, model, schedule) if fid_every else None
         num_steps = config.train.num_steps
         progress = loop_utils.progress_bar(start_step, num_steps, enabled=is_main)
         if is_main:
@@ -321,9 +352,13 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
                 logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
                 raise loop_utils.Preempted(step)
             if crossed(step, n, config.train.sample_every) or step == num_steps:
-                images = grid(jax.random.fold_in(sample_rng, step), pstate.ema_params)
+                images = grid(jax.random.fold_in(grid_rng, step), pstate.ema_params)
                 if writer is not None:
                     writer.images(step, images)
+            if score_fid is not None and (crossed(step, n, fid_every) or step == num_steps):
+                scores = score_fid(jax.random.fold_in(fid_rng, step), pstate.ema_params)
+                if writer is not None:
+                    writer.eval_scalars(step, scores)
         ckpt.wait_until_finished()
         return jax.device_put(parallel.first_replica(pstate))
     finally:

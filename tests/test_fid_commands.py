@@ -115,3 +115,28 @@ def _flat(tree, prefix=""):
             yield from _flat(value, f"{prefix}{key}/")
         else:
             yield f"{prefix}{key}", value
+
+
+def test_fid_during_training_is_logged_at_fid_every(weights, tmp_path):
+    from ddpm_jax import experiment, train
+
+    stats = str(tmp_path / "ref.npz")
+    feature_fn = fid.make_feature_fn(inception.load_weights(weights))
+    fid.save_stats(stats, *fid.statistics(feature_fn(_digits("test", 16)).pool))
+    config = test_config.get_config()
+    config.eval.fid_every = 3
+    config.eval.fid_num_samples = 12
+    config.eval.fid_batch = 8
+    config.eval.fid_ref = stats
+    config.eval.fid_weights = weights
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    scored = [row for row in rows if "eval/fid" in row]
+    assert [row["step"] for row in scored] == [3, 6]
+    assert all(np.isfinite(row["eval/fid"]) and row["eval/fid"] > 0 for row in scored)
+    assert all(row["eval/inception_score"] >= 1.0 for row in scored)
+
+    config.eval.fid_ref = str(tmp_path / "absent.npz")
+    with pytest.raises(experiment.ConfigError, match="config.eval.fid_ref='.*absent.npz'"):
+        train.train_and_evaluate(config, str(tmp_path / "run2"))
