@@ -163,6 +163,8 @@ def _env(emulator: Emulator, tmp: str) -> dict[str, str]:
         TMPDIR=tmp,
         # gcsfs, google-cloud-storage (tensorboardX), etils.epath (through gcsfs).
         STORAGE_EMULATOR_HOST=emulator.url,
+        # etils.epath would use tf.io.gfile (which ignores the emulator) were TensorFlow installed.
+        EPATH_USE_TF="false",
         # gcsfs's experimental hierarchical-namespace probe needs real credentials: off.
         GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
         # tensorstore (orbax's array writer).
@@ -182,37 +184,37 @@ def _train_args() -> list[str]:
     return ["--config", config, *(f"--config.{k}={v}" for k, v in TRAIN_FLAGS.items())]
 
 
-def _run(cmd: list[str], *, cwd: str, env: dict, timeout: float = 300) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd[3]} exited {result.returncode}:\n{result.stderr[-4000:]}"
-    return result.stderr
+def _run(cmd: list[str], log: str, *, cwd: str, env: dict, expect: int = 0, on_start=None) -> str:
+    """Runs `cmd` (stderr to the file `log`; `on_start(proc)` while it runs); returns stderr."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            if on_start is not None:
+                on_start(proc)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    with open(log) as f:
+        text = f.read()
+    assert rc == expect, f"{cmd[3]} exited {rc}, not {expect} (log: {log}):\n{text[-4000:]}"
+    return text
 
 
-def _train_until_sigterm(emulator: Emulator, workdir: str, *, cwd: str, env: dict) -> str:
-    """Starts `train`, sends SIGTERM once its first checkpoint is complete in the bucket."""
+def _sigterm_after_first_checkpoint(emulator: Emulator):
+    """on_start for `_run`: SIGTERM once the first checkpoint is complete in the bucket."""
     first = f"{RUN}/checkpoints/{CHECKPOINT_EVERY}/commit_success.txt"
-    proc = subprocess.Popen(
-        _command("train", workdir, *_train_args()),
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+
+    def wait_and_signal(proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + 300
         while first not in emulator.objects(BUCKET, f"{RUN}/checkpoints/"):
             assert proc.poll() is None, f"train exited {proc.returncode} before a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint in the bucket after 300 s"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 75, f"SIGTERM: exit {proc.returncode}, not 75:\n{stderr[-4000:]}"
-    return stderr
+
+    return wait_and_signal
 
 
 def _local_leaks(root: str) -> list[str]:
@@ -230,33 +232,37 @@ def _local_leaks(root: str) -> list[str]:
 
 def test_gs_workdir_train_sigterm_resume_sample_eval(emulator, tmp_path):
     """Every output of train / sample / eval lands in the bucket, none on the local disk."""
-    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
-    cwd.mkdir()
-    tmp.mkdir()
-    env = _env(emulator, str(tmp))
+    cwd, tmp, logs = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "logs"
+    for directory in (cwd, tmp, logs):
+        directory.mkdir()
+    run = {"cwd": str(cwd), "env": _env(emulator, str(tmp))}
     workdir = f"gs://{BUCKET}/{RUN}"
     system_tmp_before = set(os.listdir(tempfile.gettempdir()))
 
     # 1. Train, SIGTERM after the first checkpoint: the current step is saved, exit 75.
-    log = _train_until_sigterm(emulator, workdir, cwd=str(cwd), env=env)
+    train = _command("train", workdir, *_train_args())
+    on_start = _sigterm_after_first_checkpoint(emulator)
+    log = _run(train, logs / "train-sigterm.log", **run, expect=75, on_start=on_start)
     preempted = int(re.findall(r"Preempted at step (\d+): checkpoint written", log)[-1])
     assert CHECKPOINT_EVERY <= preempted < NUM_STEPS
     # 2. Resume from exactly that checkpoint, to the end.
-    log = _run(_command("train", workdir, *_train_args()), cwd=str(cwd), env=env)
+    log = _run(train, logs / "train-resume.log", **run)
     assert f"Resumed from the checkpoint of step {preempted}." in log
-    # 3. Sample (one shard + grid) and 4. evaluate the bound and the samples' digit quality.
+    # 3. Sample (one shard + grid); 4. evaluate the bound and the samples' digit quality.
     sample_args = ["--num_samples", "8", "--batch_size", "8", "--sampler", "ddim", "--steps", "5"]
-    _run(_command("sample", workdir, *sample_args), cwd=str(cwd), env=env)
+    _run(_command("sample", workdir, *sample_args), logs / "sample.log", **run)
     eval_args = ["--split", "test", "--num_examples", "8", "--batch_size", "8"]
-    _run(_command("eval", workdir, *eval_args), cwd=str(cwd), env=env)
+    _run(_command("eval", workdir, *eval_args), logs / "eval-bpd.log", **run)
     objects = emulator.objects(BUCKET, f"{RUN}/")
     generated = sorted({name.split("/")[2] for name in objects if "/generated/" in name})
     assert len(generated) == 1, generated
-    samples_dir = f"{workdir}/generated/{generated[0]}"
-    _run(_command("eval", workdir, "--samples", samples_dir), cwd=str(cwd), env=env)
+    samples = _command("eval", workdir, "--samples", f"{workdir}/generated/{generated[0]}")
+    _run(samples, logs / "eval-samples.log", **run)
 
     objects = emulator.objects(BUCKET, f"{RUN}/")
     rel = {name[len(RUN) + 1 :]: size for name, size in objects.items()}
+    tops = {name.split("/")[0] for name in rel}
+    assert tops == {"checkpoints", "metrics.jsonl", "samples", "tensorboard", "generated", "eval"}
     _assert_checkpoints(rel, preempted)
     _assert_logs(emulator, rel, preempted)
     _assert_sample_and_eval(emulator, rel, generated[0])
