@@ -52,7 +52,8 @@ TRAIN_FLAGS = {
 }
 DEVICES = 2
 
-pytestmark = [pytest.mark.xdist_group("gcs"), pytest.mark.slow, pytest.mark.multiprocess]
+# One xdist worker runs the module, so the emulator starts once.
+pytestmark = pytest.mark.xdist_group("gcs")
 
 
 # -- the emulator ---------------------------------------------------------------------------
@@ -230,6 +231,8 @@ def _local_leaks(root: str) -> list[str]:
 # -- the test -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gs_workdir_train_sigterm_resume_sample_eval(emulator, tmp_path):
     """Every output of train / sample / eval lands in the bucket, none on the local disk."""
     cwd, tmp, logs = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "logs"
@@ -315,3 +318,32 @@ def _assert_sample_and_eval(emulator: Emulator, rel: dict[str, int], tag: str) -
     quality = [n for n in rel if n.startswith("eval/quality-")]
     assert len(quality) == 1, quality
     assert json.loads(emulator.read(BUCKET, f"{RUN}/{quality[0]}"))["num_samples"] == 8
+
+
+# -- the path layer in this process ---------------------------------------------------------
+
+
+@pytest.fixture
+def gcs_env(emulator, monkeypatch):
+    """This process's gcsfs pointed at the emulator (fresh filesystem instances)."""
+    import gcsfs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield emulator
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def test_files_append_and_atomic_write_on_gs(gcs_env):
+    """The metrics.jsonl append (read and rewrite) and whole-object writes, through epath."""
+    from ddpm_jax import files
+
+    base = f"gs://{BUCKET}/path-layer"
+    files.append_text(f"{base}/logs/metrics.jsonl", '{"step": 1}\n')
+    files.append_text(f"{base}/logs/metrics.jsonl", '{"step": 2}\n')
+    files.write_bytes_atomically(f"{base}/eval/a.json", b"{}\n")
+    files.write_bytes_atomically(f"{base}/eval/a.json", b'{"b": 1}\n')
+    assert gcs_env.read(BUCKET, "path-layer/logs/metrics.jsonl") == b'{"step": 1}\n{"step": 2}\n'
+    assert gcs_env.read(BUCKET, "path-layer/eval/a.json") == b'{"b": 1}\n'
+    assert files.absolute(base) == base
