@@ -50,8 +50,8 @@ TRAIN_FLAGS = {
     "train.log_every": 2,
     "train.sample_every": NUM_STEPS,  # one grid, at the end
 }
-# As conftest and test_reliability's children: the compiled train step, grid sampler and bound
-# are shared through the persistent compilation cache.
+# As conftest and test_reliability's children: the compiled train step, grid sampler and bits/dim
+# evaluation are shared through the persistent compilation cache.
 DEVICES = 8
 
 # One xdist worker runs the module, so the emulator starts once.
