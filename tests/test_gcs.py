@@ -189,19 +189,23 @@ def _train_args() -> list[str]:
 
 def _run(cmd: list[str], log: str, *, cwd: str, env: dict, expect: int = 0, on_start=None) -> str:
     """Runs `cmd` (stderr to the file `log`; `on_start(proc)` while it runs); returns stderr."""
+    failure = None
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
             if on_start is not None:
                 on_start(proc)
             rc = proc.wait(timeout=300)
+        except AssertionError as e:
+            failure = str(e)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     with open(log) as f:
         text = f.read()
-    assert rc == expect, f"{cmd[3]} exited {rc}, not {expect} (log: {log}):\n{text[-4000:]}"
+    failure = failure or (f"{cmd[3]} exited {rc}, not {expect}" if rc != expect else None)
+    assert failure is None, f"{failure} (log: {log}):\n{text[-4000:]}"
     return text
 
 
