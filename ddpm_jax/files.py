@@ -1,4 +1,9 @@
-"""Writing output files whole: a reader never sees a partly written one."""
+"""Writing output files whole: a reader never sees a partly written one.
+
+Local paths and anything etils.epath opens. gs:// goes epath -> fsspec -> gcsfs (install the
+`gcs` extra); with TensorFlow installed epath takes tf.io.gfile instead, unless EPATH_USE_TF=false.
+tests/test_gcs.py runs train, sample and eval on a gs:// workdir against a local emulator.
+"""
 
 from __future__ import annotations
 

@@ -159,7 +159,9 @@ def progress_bar(start: int, total: int, *, enabled: bool, unit: str = "step"):
 class Writer:
     """Process 0's outputs: TensorBoard events, metrics.jsonl, log lines, PNG grids, a sink.
 
-    Every file goes through the path layer (`files`), so a gs:// workdir works like a local one.
+    metrics.jsonl and the PNGs go through the path layer (`files`); TensorBoard events through
+    tensorboardX's own writer, which on gs:// uploads the event file whole at every flush with
+    google-cloud-storage (the `gcs` extra). So a gs:// workdir works like a local one.
     """
 
     def __init__(self, workdir: str, *, sink: MetricSink | None = None, log_lines: bool = True):
