@@ -13,7 +13,6 @@ TORCH_PY=${TORCH_PY:-/work/venv311/bin/python}
 MODE=${1:---cpu}
 if [ "$MODE" = --quick ]; then OUT=${OUT:-/tmp/ddpm_bench_quick}; else OUT=${OUT:-benchmarks/results}; fi
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONPATH=${PYTHONPATH:-$PWD}
-MODE=${1:---cpu}
 
 "$PY" benchmarks/train_throughput.py "$MODE" --out "$OUT/train_throughput.json"
 "$PY" benchmarks/sample_throughput.py "$MODE" --out "$OUT/sample_throughput.json"
