@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+QUICK = ("train.num_steps=4", "diffusion.num_timesteps=10", "sample.num_grid=4")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,36 +40,34 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--nll_examples", type=int, default=297)
     parser.add_argument("--skip_train", action="store_true", help="reuse a trained workdir")
+    parser.add_argument("--quick", action="store_true", help="4 steps at T = 10, 8 samples")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = parser.parse_args()
     workdir = os.path.abspath(args.workdir)
-
-    import datetime
-    import platform
+    if args.quick:
+        args.num_samples, args.nll_examples = 8, 8
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_util
+    import harness
 
-    results: dict = {
-        "benchmark": "digits_quality",
-        "workdir": workdir,
-        "env": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": bench_util.cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "jax": bench_util.package_version("jax"),
-        },
-    }
+    results = {"benchmark": "digits_quality", "workdir": workdir, "env": harness.environment()}
     if not args.skip_train:
         cmd = ["train", "--config", os.path.join(REPO, "configs", "digits.py")]
+        if args.quick:
+            cmd += [f"--config.{k}" for k in QUICK]
         results["train_wall_s"] = _run([*cmd, "--workdir", workdir])
     results["final_metrics"] = _last_metrics(workdir)
 
     samples = os.path.join(workdir, "generated", "quality")
     sample_args = ["sample", "--workdir", workdir, "--out", samples, "--seed", "1"]
     results["sample_wall_s"] = _run(
-        [*sample_args, "--num_samples", str(args.num_samples), "--batch_size", "500"]
+        [
+            *sample_args,
+            "--num_samples",
+            str(args.num_samples),
+            "--batch_size",
+            str(min(500, args.num_samples)),
+        ]
     )
     _run(["eval", "--workdir", workdir, "--samples", samples])
     _run(
