@@ -31,7 +31,7 @@ def _random_params(config, seed=0):
     """Params of the config's UNet, every leaf random (fan-in scaled kernels), from numpy."""
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, spec in flax.traverse_util.flatten_dict(convert._param_shapes(config)).items():
+    for path, spec in flax.traverse_util.flatten_dict(convert.param_shapes(config)).items():
         value = rng.standard_normal(spec.shape)
         if path[-1] == "kernel":
             value /= np.sqrt(np.prod(spec.shape[:-1]))

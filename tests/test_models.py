@@ -310,5 +310,7 @@ def test_label_errors():
 def test_widths_must_suit_group_norm():
     model = unet.UNet(dropout=0.0, **dict(TINY, ch=48))
     x, t = _x_t()
-    with pytest.raises(ValueError, match=r"\[48, 96\] must be multiples of 32"):
+    with pytest.raises(
+        ValueError, match=r"\[48, 96\] \(ch=48, ch_mult=\(1, 2\)\) must be multiples of 32"
+    ):
         model.init(jax.random.key(0), x, t, train=False)

@@ -97,13 +97,28 @@ def evaluate_checkpoint(
     return figures, path
 
 
-def sample_dir_quality(samples_dir: str, *, threshold: float = 0.9) -> dict[str, Any]:
-    """`digits_sample_quality` of the shards in a `sample` output directory."""
-    from ddpm_jax import digits
-
+def _read_samples(samples_dir: str):
+    """uint8 [N, H, W, C] of a `sample` output directory; FileNotFoundError if it holds none."""
     images = sample_command.read_shards(samples_dir)
     if images.size == 0:
         raise FileNotFoundError(f"No samples_*.npz shards in {samples_dir}")
+    return images
+
+
+def _write_for(workdir: str, samples_dir: str, kind: str, tag: str, figures: dict) -> str:
+    """Process 0 writes `figures` to <workdir>/eval/<kind>-<dir name>-<tag>.json; the path."""
+    name = os.path.basename(os.path.normpath(samples_dir))
+    path = result_path(workdir, kind, name, tag)
+    if jax.process_index() == 0:
+        write_json(path, {"samples_dir": samples_dir, **figures})
+    return path
+
+
+def sample_dir_quality(samples_dir: str, *, threshold: float = 0.9) -> dict[str, Any]:
+    """`digits.sample_quality` of the shards in a `sample` output directory."""
+    from ddpm_jax import digits
+
+    images = _read_samples(samples_dir)
     return {"samples_dir": samples_dir, **digits.sample_quality(images, threshold=threshold)}
 
 
@@ -112,11 +127,7 @@ def evaluate_samples(
 ) -> tuple[dict[str, Any], str]:
     """`sample_dir_quality`, written by process 0 to <workdir>/eval/quality-<dir name>.json."""
     figures = sample_dir_quality(samples_dir, threshold=threshold)
-    name = os.path.basename(os.path.normpath(samples_dir))
-    path = result_path(workdir, "quality", name, f"threshold{threshold:g}")
-    if jax.process_index() == 0:
-        write_json(path, figures)
-    return figures, path
+    return figures, _write_for(workdir, samples_dir, "quality", f"threshold{threshold:g}", figures)
 
 
 def describe_bpd(figures: dict[str, Any]) -> str:
@@ -147,18 +158,10 @@ def evaluate_fid(
     from ddpm_jax.commands import fid
 
     fid.check_weights(weights_path)  # before any work
-    images = sample_command.read_shards(samples_dir)
-    if images.size == 0:
-        raise FileNotFoundError(f"No samples_*.npz shards in {samples_dir}")
-    figures = {
-        "samples_dir": samples_dir,
-        **fid.sample_scores(images, ref=ref, weights_path=weights_path),
-    }
-    name = os.path.basename(os.path.normpath(samples_dir))
-    path = result_path(workdir, "fid", name, f"n{figures['num_samples']}")
-    if jax.process_index() == 0:
-        write_json(path, figures)
-    return figures, path
+    images = _read_samples(samples_dir)
+    figures = fid.sample_scores(images, ref=ref, weights_path=weights_path)
+    path = _write_for(workdir, samples_dir, "fid", f"n{figures['num_samples']}", figures)
+    return {"samples_dir": samples_dir, **figures}, path
 
 
 def describe_fid(figures: dict[str, Any]) -> str:
