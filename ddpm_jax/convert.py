@@ -544,9 +544,11 @@ def export_diffusers(
     from ddpm_jax import files  # noqa: PLC0415
 
     state_dict = to_diffusers(params, config)
-    num_classes = config.data.num_classes if config.data.class_conditional else None
     unet_cfg = diffusers_config(
-        config.model, config.data.image_size, config.data.channels, num_classes=num_classes
+        config.model,
+        config.data.image_size,
+        config.data.channels,
+        num_classes=experiment.num_classes(config),
     )
     unet_cfg = {"_class_name": "UNet2DModel", **unet_cfg}
     out_dir = str(out_dir).rstrip("/")

@@ -43,7 +43,7 @@ DIGITS_SPLITS = ("train", "test", "all")
 DIGITS_NUM_TEST = 297
 _DIGITS_SPLIT_SEED = 0
 _READ_THREADS = 16  # concurrent reads + decodes per host batch for tfds sources
-_THREAD_NAME = "ddpm-input-prefetch"
+THREAD_NAME = "ddpm-input-prefetch"  # the prefetch thread, for tests and debuggers
 
 
 class DatasetInfo(NamedTuple):
@@ -537,7 +537,7 @@ def _prefetch(produce: Callable[[int], Batch], steps: Iterable[int], *, size: in
         except BaseException as e:  # handed to the consumer, which re-raises it
             put((None, e))
 
-    thread = threading.Thread(target=work, name=_THREAD_NAME, daemon=True)
+    thread = threading.Thread(target=work, name=THREAD_NAME, daemon=True)
     thread.start()
     try:
         while True:

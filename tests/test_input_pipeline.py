@@ -190,15 +190,30 @@ def test_eval_iterator_num_examples_limits_the_pass():
 # Background thread and devices
 
 
-def test_prefetch_thread_propagates_errors_and_stops_on_close(monkeypatch):
-    real_read, calls = input_pipeline._read, itertools.count()
+class _ExplodingImages:
+    """Images that fail on the 5th read (a disk error at step 4)."""
 
-    def read(*args):
-        if next(calls) == 4:
+    def __init__(self, images):
+        self._images, self._calls = images, itertools.count()
+
+    def __len__(self):
+        return len(self._images)
+
+    def __getitem__(self, index):
+        if next(self._calls) == 4:
             raise RuntimeError("disk on fire at step 4")
-        return real_read(*args)
+        return self._images[index]
 
-    monkeypatch.setattr(input_pipeline, "_read", read)
+
+def test_prefetch_thread_propagates_errors_and_stops_on_close(monkeypatch):
+    real_load = input_pipeline.load_source
+
+    def load_source(*args, **kwargs):
+        source = real_load(*args, **kwargs)
+        source.images = _ExplodingImages(source.images)
+        return source
+
+    monkeypatch.setattr(input_pipeline, "load_source", load_source)
     iterator = _train()
     for _ in range(4):
         next(iterator)
@@ -207,9 +222,9 @@ def test_prefetch_thread_propagates_errors_and_stops_on_close(monkeypatch):
 
     iterator = _train(prefetch=3)
     next(iterator)
-    assert any(t.name == input_pipeline._THREAD_NAME for t in threading.enumerate())
+    assert any(t.name == input_pipeline.THREAD_NAME for t in threading.enumerate())
     iterator.close()
-    assert not any(t.name == input_pipeline._THREAD_NAME for t in threading.enumerate())
+    assert not any(t.name == input_pipeline.THREAD_NAME for t in threading.enumerate())
 
 
 def test_no_prefetch_gives_the_same_batches():
