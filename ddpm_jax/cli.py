@@ -4,6 +4,7 @@
     ddpm-jax sample --workdir runs/digits --num_samples 1000 [--sampler ddim --steps 50]
     ddpm-jax eval   --workdir runs/digits --split test [--num_examples N] [--checkpoint STEP]
     ddpm-jax eval   --workdir runs/digits --samples runs/digits/generated/ddpm-seed0  (digits)
+    ddpm-jax compile --config configs/cifar10.py --topology v5e-16 --batch_per_chip 8  (libtpu)
 
 A flag given to a subcommand that does not take it is a usage error naming it; an explicit value
 is used or refused, never taken for "not given". Usage errors and invalid values (flags or config
@@ -14,6 +15,7 @@ records are filtered out unless `--verbosity=1` (or higher) is given.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as std_logging
 import sys
 from collections.abc import Callable
@@ -50,6 +52,17 @@ flags.DEFINE_string("out", None, "Output directory for .npz shards (default: und
 flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N examples (default: all).")
 flags.DEFINE_string("samples", None, "A `sample` output dir: score its digits instead of the NLL.")
+# compile (ahead of time, for a TPU slice, on a CPU machine with libtpu; see ddpm_jax/aot.py).
+flags.DEFINE_string("topology", None, "TPU slice: v4-8, v4-32, v5e-16, v5p-8, v6e-8, or v5e:4x4.")
+flags.DEFINE_integer("batch_per_chip", None, "Images per chip (default: the config's batch).")
+flags.DEFINE_enum(
+    "parallelism", "both", ["pmap", "shard_map", "both"], "Which device wrapper(s) to compile."
+)
+flags.DEFINE_boolean("max_batch", False, "Find the largest batch per chip that fits.")
+flags.DEFINE_enum("what", "train", ["train", "sample", "both"], "The train step, the sampler.")
+flags.DEFINE_integer("sample_batch", None, "Sampler images per chip (default: --batch_per_chip).")
+flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
+flags.DEFINE_string("cache_dir", None, "Keep reports here, keyed by config, topology, batch.")
 
 DISTRIBUTED_FLAGS = (
     "coordinator_address",
@@ -68,6 +81,7 @@ class Command:
     summary: str
     flags: tuple[str, ...]
     run: Callable[[], None]
+    needs_workdir: bool = True  # False: no workdir, no devices of its own (compile)
 
 
 def _train() -> None:
@@ -127,6 +141,52 @@ def _eval() -> None:
         print(f"{line}\n  -> {path}")
 
 
+def _compile() -> None:
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # compile for TPU, never run on one
+        jax.config.update("jax_platforms", "cpu")
+    from etils import epath
+
+    from ddpm_jax import aot, parallel
+
+    if FLAGS.config is None or not FLAGS.topology:
+        raise app.UsageError("compile needs --config and --topology (e.g. --topology v5e-16)")
+    if not aot.libtpu_available():
+        raise app.UsageError("compile needs the TPU compiler: pip install 'ddpm-jax[tpu]'")
+    config = FLAGS.config
+    chips = len(aot.tpu_devices(FLAGS.topology))
+    batch = FLAGS.batch_per_chip or config.train.batch_size // chips
+    if batch < 1:
+        raise app.UsageError(f"--batch_per_chip: {config.train.batch_size} over {chips} chips")
+    kinds = ["pmap", "shard_map"] if FLAGS.parallelism == "both" else [FLAGS.parallelism]
+    whats = ["train", "sample"] if FLAGS.what == "both" else [FLAGS.what]
+    reports = []
+    for what in whats:
+        b = FLAGS.sample_batch if what == "sample" and FLAGS.sample_batch else batch
+        for kind in kinds:
+            kwargs = dict(parallelism=parallel.Parallelism(kind), what=aot.What(what))
+            kwargs["cache_dir"] = FLAGS.cache_dir
+            if FLAGS.max_batch:
+                report = aot.max_batch_per_chip(config, FLAGS.topology, **kwargs)
+                if report is None:
+                    print(f"{what} ({kind}) on {FLAGS.topology}: not even 1 image per chip fits")
+                    sys.exit(aot.NOT_FITTING_EXIT_CODE)
+                print(f"Largest batch per chip that fits: {report.batch_per_chip}")
+            else:
+                report = aot.compile_step(config, FLAGS.topology, batch_per_chip=b, **kwargs)
+            print(report.describe(), flush=True)
+            reports.append(report)
+    if FLAGS.json:
+        out = {"argv": sys.argv[1:], "reports": [r.to_dict() for r in reports]}
+        epath.Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(FLAGS.json).write_text(json.dumps(out, indent=1) + "\n")
+    if not all(r.fits for r in reports):
+        sys.exit(aot.NOT_FITTING_EXIT_CODE)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train (or resume) the model of a config", ("config",), _train),
     "sample": Command(
@@ -148,6 +208,22 @@ COMMANDS: dict[str, Command] = {
         "bits/dim of a checkpoint on a split, or (--samples) the digits quality of samples",
         ("checkpoint", "batch_size", "seed", "split", "num_examples", "samples"),
         _eval,
+    ),
+    "compile": Command(
+        "compile the train step / sampler ahead of time for a TPU slice (HBM, FLOPs, roofline)",
+        (
+            "config",
+            "topology",
+            "batch_per_chip",
+            "parallelism",
+            "max_batch",
+            "what",
+            "sample_batch",
+            "json",
+            "cache_dir",
+        ),
+        _compile,
+        needs_workdir=False,
     ),
 }
 # Where a flag given to the wrong subcommand belongs instead.
@@ -175,7 +251,7 @@ def _command_help(name: str) -> str:
         f = FLAGS[flag]
         default = "" if f.default is None else f" (default: {f.default!r})"
         lines.append(f"  --{flag}: {f.help}{default}")
-    if name == "train":
+    if "config" in command.flags:
         lines.append("  --config.SECTION.FIELD=VALUE: override one field of the config")
     return "\n".join(lines)
 
@@ -194,7 +270,7 @@ def _check_flags(command: str) -> None:
             owners = [c for c, cmd in COMMANDS.items() if name in cmd.flags]
             hint = _INSTEAD.get((command, name), f"it is a flag of {' / '.join(owners)}")
             raise app.UsageError(f"--{name} is not a flag of `{command}`: {hint}")
-    if command != "train":
+    if "config" not in COMMANDS[command].flags:
         for name in FLAGS:
             if (name == "config" or name.startswith("config.")) and FLAGS[name].present:
                 raise app.UsageError(
@@ -234,11 +310,13 @@ def main(argv: list[str]) -> None:
     command = _command_of(argv)
     if len([a for a in argv[1:] if not a.startswith("-")]) != 1 or command not in COMMANDS:
         raise app.UsageError(_usage().splitlines()[0])
-    if not FLAGS.workdir:
+    if not FLAGS.workdir and COMMANDS[command].needs_workdir:
         raise app.UsageError(f"{command} needs --workdir")
     _check_flags(command)
-    from ddpm_jax import distributed, experiment
+    from ddpm_jax import distributed
 
+    if not COMMANDS[command].needs_workdir:
+        return _run_command(command)
     distributed.maybe_initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
@@ -247,6 +325,12 @@ def main(argv: list[str]) -> None:
         distributed=FLAGS.distributed,
     )
     distributed.log_topology()
+    _run_command(command)
+
+
+def _run_command(command: str) -> None:
+    from ddpm_jax import experiment
+
     try:
         COMMANDS[command].run()
     except (experiment.ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
