@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
 import re
 from typing import Any
 
@@ -108,6 +109,9 @@ def tpu_devices(name: str) -> list:
     """The abstract devices (one per chip) of a TPU slice; needs libtpu, not a TPU."""
     from jax.experimental import topologies
 
+    # Compile-only: no TPU is opened, so several processes may load libtpu at once (libtpu
+    # otherwise takes a lock file that makes a second compiling process fail).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     chip = chip_of(name)
     kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
     return list(
@@ -345,7 +349,7 @@ def _loop_steps(config) -> int:
     return config.diffusion.num_timesteps
 
 
-def _is_out_of_memory(error: Exception) -> bool:
+def is_out_of_memory(error: Exception) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
@@ -355,7 +359,7 @@ def fits(config, topology: str, batch_per_chip: int, **kwargs) -> tuple[bool, Re
     try:
         report = compile_step(config, topology, batch_per_chip=batch_per_chip, **kwargs)
     except Exception as e:  # noqa: BLE001 - the TPU compiler's OOM is an XlaRuntimeError
-        if _is_out_of_memory(e):
+        if is_out_of_memory(e):
             return False, None
         raise
     return report.fits, report

@@ -176,7 +176,13 @@ def _compile() -> None:
                     sys.exit(aot.NOT_FITTING_EXIT_CODE)
                 print(f"Largest batch per chip that fits: {report.batch_per_chip}")
             else:
-                report = aot.compile_step(config, FLAGS.topology, batch_per_chip=b, **kwargs)
+                try:
+                    report = aot.compile_step(config, FLAGS.topology, batch_per_chip=b, **kwargs)
+                except Exception as e:  # noqa: BLE001 - the TPU compiler's own OOM
+                    if not aot.is_out_of_memory(e):
+                        raise
+                    print(f"{what} ({kind}), {b} per chip: DOES NOT FIT: {str(e)[:2000]}")
+                    sys.exit(aot.NOT_FITTING_EXIT_CODE)
             print(report.describe(), flush=True)
             reports.append(report)
     if FLAGS.json:
