@@ -58,7 +58,7 @@ def _error_lines(result) -> list[str]:
         (["sample", "--num_samples", "0"], "error: --num_samples=0: must be > 0"),
         (["sample", "--config", TEST_CONFIG], "--config is not a flag of `sample`"),
         (["eval", "--num_samples", "4"], "--num_samples is not a flag of `eval`"),
-        (["frobnicate"], "usage: ddpm-jax {train|sample|eval}"),
+        (["frobnicate"], "usage: ddpm-jax {train|sample|eval|compile}"),
     ],
 )
 def test_bad_input_is_one_line_naming_it_and_exit_2(tmp_path, args, expected):
