@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.keep_checkpoints = 3
     train.sample_every = 20_000
     train.nonfinite = "stop"  # stop | skip
+    # How the per-device step is spread over the devices: "pmap" (jax.pmap over the local
+    # devices) or "shard_map" (jax.jit of jax.shard_map over a 1-D mesh of all devices of all
+    # hosts; the state one replicated global array). The same step, keys and collectives.
+    train.parallelism = "pmap"
     train.max_skipped_steps = 10
 
     # Samples written during training and by the `sample` command's defaults.

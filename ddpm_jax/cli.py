@@ -8,6 +8,7 @@
     ddpm-jax export --workdir RUN --out DIR          (diffusers UNet2DModel + scheduler)
     ddpm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out W.npz
     ddpm-jax fid-stats --config configs/cifar10.py --split train --fid_weights W.npz --out S.npz
+    ddpm-jax compile --config configs/cifar10.py --topology v5e-16 --batch_per_chip 8  (libtpu)
 
 A flag given to a subcommand that does not take it is a usage error naming it; an explicit value
 is used or refused, never taken for "not given". Usage errors and invalid values (flags or config
@@ -18,6 +19,7 @@ records are filtered out unless `--verbosity=1` (or higher) is given.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as std_logging
 import sys
 from collections.abc import Callable
@@ -64,6 +66,17 @@ flags.DEFINE_boolean("fid", False, "With --samples: FID against --ref and the In
 flags.DEFINE_string("ref", None, "Reference statistics (.npz with mu, sigma) for --fid.")
 flags.DEFINE_string("fid_weights", None, "Converted Inception weights (`ddpm-jax fid-weights`).")
 flags.DEFINE_string("from", None, "pytorch-fid's pt_inception-2015-12-05-*.pth to convert.")
+# compile (ahead of time, for a TPU slice, on a CPU machine with libtpu; see ddpm_jax/aot.py).
+flags.DEFINE_string("topology", None, "TPU slice: v4-8, v4-32, v5e-16, v5p-8, v6e-8, or v5e:4x4.")
+flags.DEFINE_integer("batch_per_chip", None, "Images per chip (default: the config's batch).")
+flags.DEFINE_enum(
+    "parallelism", "both", ["pmap", "shard_map", "both"], "Which device wrapper(s) to compile."
+)
+flags.DEFINE_boolean("max_batch", False, "Find the largest batch per chip that fits.")
+flags.DEFINE_enum("what", "train", ["train", "sample", "both"], "The train step, the sampler.")
+flags.DEFINE_integer("sample_batch", None, "Sampler images per chip (default: --batch_per_chip).")
+flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
+flags.DEFINE_string("cache_dir", None, "Keep reports here, keyed by config, topology, batch.")
 
 DISTRIBUTED_FLAGS = (
     "coordinator_address",
@@ -86,6 +99,7 @@ class Command:
     flags: tuple[str, ...]
     run: Callable[[], None]
     required: tuple[str, ...] = ("workdir",)
+    distributed: bool = True  # False: runs on this host alone (no jax.distributed)
 
 
 def _train() -> None:
@@ -181,6 +195,56 @@ def _fid_stats() -> None:
     print(f"{summary['num_images']} {summary['split']} images -> {summary['out']}")
 
 
+def _compile() -> None:
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # compile for TPU, never run on one
+        jax.config.update("jax_platforms", "cpu")
+    from etils import epath
+
+    from ddpm_jax import aot, parallel
+
+    if not aot.libtpu_available():
+        raise app.UsageError("compile needs the TPU compiler: pip install 'ddpm-jax[tpu]'")
+    config = FLAGS.config
+    chips = len(aot.tpu_devices(FLAGS.topology))
+    batch = FLAGS.batch_per_chip or config.train.batch_size // chips
+    if batch < 1:
+        raise app.UsageError(f"--batch_per_chip: {config.train.batch_size} over {chips} chips")
+    kinds = ["pmap", "shard_map"] if FLAGS.parallelism == "both" else [FLAGS.parallelism]
+    whats = ["train", "sample"] if FLAGS.what == "both" else [FLAGS.what]
+    reports = []
+    for what in whats:
+        b = FLAGS.sample_batch if what == "sample" and FLAGS.sample_batch else batch
+        for kind in kinds:
+            kwargs = dict(parallelism=parallel.Parallelism(kind), what=aot.What(what))
+            kwargs["cache_dir"] = FLAGS.cache_dir
+            if FLAGS.max_batch:
+                report = aot.max_batch_per_chip(config, FLAGS.topology, **kwargs)
+                if report is None:
+                    print(f"{what} ({kind}) on {FLAGS.topology}: not even 1 image per chip fits")
+                    sys.exit(aot.NOT_FITTING_EXIT_CODE)
+                print(f"Largest batch per chip that fits: {report.batch_per_chip}")
+            else:
+                try:
+                    report = aot.compile_step(config, FLAGS.topology, batch_per_chip=b, **kwargs)
+                except Exception as e:  # noqa: BLE001 - the TPU compiler's own OOM
+                    if not aot.is_out_of_memory(e):
+                        raise
+                    print(f"{what} ({kind}), {b} per chip: DOES NOT FIT: {str(e)[:2000]}")
+                    sys.exit(aot.NOT_FITTING_EXIT_CODE)
+            print(report.describe(), flush=True)
+            reports.append(report)
+    if FLAGS.json:
+        out = {"argv": sys.argv[1:], "reports": [r.to_dict() for r in reports]}
+        epath.Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(FLAGS.json).write_text(json.dumps(out, indent=1) + "\n")
+    if not all(r.fits for r in reports):
+        sys.exit(aot.NOT_FITTING_EXIT_CODE)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "train (or resume) the model of a config",
@@ -231,12 +295,30 @@ COMMANDS: dict[str, Command] = {
         ("from", "out"),
         _fid_weights,
         required=("from", "out"),
+        distributed=False,
     ),
     "fid-stats": Command(
         "FID reference statistics (mu, sigma) of a config's dataset split",
         ("config", "split", "num_examples", "fid_weights", "out"),
         _fid_stats,
         required=("config", "fid_weights", "out"),
+    ),
+    "compile": Command(
+        "compile the train step / sampler ahead of time for a TPU slice (HBM, FLOPs, roofline)",
+        (
+            "config",
+            "topology",
+            "batch_per_chip",
+            "parallelism",
+            "max_batch",
+            "what",
+            "sample_batch",
+            "json",
+            "cache_dir",
+        ),
+        _compile,
+        required=("config", "topology"),
+        distributed=False,
     ),
 }
 # Where a flag given to the wrong subcommand belongs instead.
@@ -329,6 +411,8 @@ def main(argv: list[str]) -> None:
     _check_flags(command)
     from ddpm_jax import distributed
 
+    if not COMMANDS[command].distributed:
+        return _run_command(command)
     distributed.maybe_initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
@@ -337,6 +421,10 @@ def main(argv: list[str]) -> None:
         distributed=FLAGS.distributed,
     )
     distributed.log_topology()
+    _run_command(command)
+
+
+def _run_command(command: str) -> None:
     try:
         COMMANDS[command].run()
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

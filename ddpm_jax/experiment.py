@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax import diffusion, parallel, sampling, schedules
 from ddpm_jax.models import unet
 
 
@@ -157,6 +157,7 @@ def _validate_train(train: ml_collections.ConfigDict, *, device_count: int) -> N
     _check_number(train, "ema_decay", low=0.0, high=1.0, high_open=True, prefix=p)
     _check_bool(train, "ema_warmup", prefix=p)
     _check_choice(train, "nonfinite", NonFinite, prefix=p)
+    _check_choice(train, "parallelism", parallel.Parallelism, prefix=p)
 
 
 def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -> None:
@@ -286,6 +287,11 @@ def sampler_spec(config: ml_collections.ConfigDict, **overrides) -> sampling.Sam
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
+def parallelism(config: ml_collections.ConfigDict) -> parallel.Parallelism:
+    """How the train step, the sampler and the evaluator are spread over the devices."""
+    return parallel.Parallelism(config.train.get("parallelism", "pmap"))
+
+
 def create_learning_rate_fn(optim: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from 0 to the learning rate, then constant (Ho et al. 2020, App. B)."""
     if optim.warmup_steps == 0:
@@ -312,6 +318,7 @@ RESUME_FREE_FIELDS = (
     "train.checkpoint_every",
     "train.sample_every",
     "train.keep_checkpoints",
+    "train.parallelism",  # how the same step is spread over the devices, not what it computes
     "data.data_dir",
     "sample.",
     "eval.",

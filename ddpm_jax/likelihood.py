@@ -172,14 +172,17 @@ def make_p_calc_bpd(
     *,
     clip_denoised: bool = True,
     class_conditional: bool = False,
+    parallelism: parallel.Parallelism = parallel.Parallelism.PMAP,
 ) -> Callable:
-    """The bound of a batch on every local device: `calc_bpd_loop` pmap-ed over the device axis.
+    """The bound of a batch on every device: `calc_bpd_loop` wrapped over the device axis.
 
     Returns:
       p_bpd(params_replicated, rng, batch) -> (sums, total_bpd [D, b]). batch: {"image" [D, b,
       H, W, C], "label" int32 [D, b], "index" int32 [D, b], "mask" bool [D, b]}; example k uses
       the key fold_in(rng, index_k). sums (replicated, over the masked examples of all
       devices of all hosts): {"count", "total_bpd", "prior_bpd", "terms_bpd" [T], "mse" [T]}.
+      The arguments as `parallel.Wrapper(parallelism)` lays them out (params REPLICATED, rng
+      SAME, batch PER_DEVICE); read sums with `parallel.first_replica`.
     """
     device_fn = functools.partial(
         _device_bpd,
@@ -190,7 +193,12 @@ def make_p_calc_bpd(
         class_conditional=class_conditional,
         axis_name=parallel.AXIS,
     )
-    return parallel.pmap(device_fn, in_axes=(0, None, 0))
+    place = parallel.Place
+    return parallel.Wrapper(parallelism).wrap(
+        device_fn,
+        in_places=(place.REPLICATED, place.SAME, place.PER_DEVICE),
+        out_places=(place.REPLICATED, place.PER_DEVICE),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +259,7 @@ def evaluate_bpd(
     num_examples: int | None = None,
     clip_denoised: bool = True,
     class_conditional: bool = False,
+    parallelism: parallel.Parallelism = parallel.Parallelism.PMAP,
 ) -> BpdSummary:
     """The mean bound in bits/dim over the first `num_examples` of `split` (all by default).
 
@@ -268,6 +277,7 @@ def evaluate_bpd(
       output: the model-output parameterisation (mean and variance types).
       clip_denoised: as for `calc_bpd_loop`.
       class_conditional: pass the examples' labels to the model.
+      parallelism: the device wrapper (pmap, or jit(shard_map) over all devices).
     """
     _check_key(rng)
     p_bpd = make_p_calc_bpd(
@@ -276,8 +286,11 @@ def evaluate_bpd(
         output,
         clip_denoised=clip_denoised,
         class_conditional=class_conditional,
+        parallelism=parallelism,
     )
-    params = parallel.replicate(params)
+    wrapper = parallel.Wrapper(parallelism)
+    params = wrapper.replicate(params)
+    rng = wrapper.put(rng, parallel.Place.SAME)
     info = input_pipeline.get_dataset_info(config_data, split or config_data.eval_split)
     total = info.num_examples if num_examples is None else min(num_examples, info.num_examples)
     batches = input_pipeline.make_eval_iterator(
@@ -290,13 +303,14 @@ def evaluate_bpd(
     )
     try:
         for batch in batches:
-            batch_sums, total_bpd = p_bpd(params, rng, _device_batch(batch))
-            batch_sums = jax.device_get(jax.tree.map(lambda s: s[0], batch_sums))
+            device_batch = wrapper.put(_device_batch(batch), parallel.Place.PER_DEVICE)
+            batch_sums, total_bpd = p_bpd(params, rng, device_batch)
+            batch_sums = parallel.first_replica(batch_sums)
             batch_sums = {k: np.asarray(v, np.float64) for k, v in batch_sums.items()}
             sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
             keep = batch["mask"]
             indices.append(batch["index"][keep])
-            totals.append(np.asarray(total_bpd)[keep])
+            totals.append(np.asarray(wrapper.local_rows(total_bpd))[keep])
             progress.update(1)
     finally:
         progress.close()

@@ -501,8 +501,9 @@ def make_pmapped_sampler(
     per_device_batch: int,
     image_shape: Sequence[int],
     num_classes: int | None = None,
+    parallelism: parallel.Parallelism = parallel.Parallelism.PMAP,
 ) -> Callable[..., Samples]:
-    """Builds (once) a sampler that runs on every local device, pmapped over `parallel.AXIS`.
+    """Builds (once) a sampler that runs on every local device, wrapped over `parallel.AXIS`.
 
     Device d of this host samples with fold_in(rng, process_index * local_device_count + d), so
     every host of a multi-host slice, called with the same rng, draws its own distinct part
@@ -517,11 +518,13 @@ def make_pmapped_sampler(
       image_shape: (H, W, C).
       num_classes: for class-conditional models: labels are drawn uniformly per device unless
         given; None for unconditional models.
+      parallelism: the device wrapper (pmap, or jit(shard_map) over all devices); the samples
+        are the same either way.
 
     Returns:
       sample_fn(rng, params_replicated, labels=None) -> Samples(images float32 [n, H, W, C],
       labels int32 [n] or None), n = local_device_count * per_device_batch; params_replicated
-      from `parallel.replicate`; labels, if given, is int32 [n].
+      from `parallel.Wrapper(parallelism).replicate`; labels, if given, is int32 [n].
     """
     shape = _check_shape((per_device_batch, *image_shape))
     spec.validate(schedule.num_timesteps)  # fail here rather than at the first call
@@ -534,13 +537,22 @@ def make_pmapped_sampler(
         spec=spec,
         output=output,
     )
-    p_sample = parallel.pmap(device_fn, in_axes=(None, 0, 0, 0))
+    wrapper = parallel.Wrapper(parallelism)
+    place = parallel.Place
+    p_sample = wrapper.wrap(
+        device_fn,
+        in_places=(place.SAME, place.REPLICATED, place.PER_DEVICE, place.PER_DEVICE),
+        out_places=(place.PER_DEVICE, place.PER_DEVICE),
+    )
     num_devices = jax.local_device_count()
+    device_indices = wrapper.put(parallel.local_device_indices(), place.PER_DEVICE)
 
     def sample_fn(rng, params_replicated, labels=None) -> Samples:
         if labels is not None:
             labels = jnp.asarray(labels, jnp.int32).reshape(num_devices, per_device_batch)
-        images, labels = p_sample(rng, params_replicated, parallel.local_device_indices(), labels)
+        rng, labels = wrapper.put(rng, place.SAME), wrapper.put(labels, place.PER_DEVICE)
+        out = p_sample(rng, params_replicated, device_indices, labels)
+        images, labels = wrapper.local_rows(out)
         images = images.reshape(num_devices * per_device_batch, *image_shape)
         return Samples(images, None if labels is None else labels.reshape(-1))
 

@@ -1,9 +1,10 @@
-"""Training: the per-device train step, its pmap wrapper, and the training loop.
+"""Training: the per-device train step, its device wrapper, and the training loop.
 
-The step is written for one device and wrapped once with `parallel.pmap` (axis `parallel.AXIS`)
-in `make_p_train_step`; gradients and metrics are averaged with `lax.pmean` over that axis. Every
-random draw inside the step comes from `fold_in(fold_in(rng, step), device)`, so the loop carries
-no key and a resumed run draws exactly what an uninterrupted one would.
+The step is written for one device and wrapped once by a `parallel.Wrapper` (axis
+`parallel.AXIS`; pmap or jit(shard_map), config.train.parallelism) in `make_p_train_step`;
+gradients and metrics are averaged with `lax.pmean` over that axis. Every random draw inside the
+step comes from `fold_in(fold_in(rng, step), device)`, so the loop carries no key and a resumed
+run draws exactly what an uninterrupted one would. Both wrappers run this same step.
 
 The objects (model, schedule, optimiser, sampler) come from `experiment`; the train state and its
 checkpoint schema from `train_state`; the loop's helpers from `loop_utils`.
@@ -174,14 +175,26 @@ def make_step_fn(config: ml_collections.ConfigDict, schedule) -> Callable:
     )
 
 
-def make_p_train_step(config: ml_collections.ConfigDict, schedule) -> Callable:
-    """The per-device step, fused over the batches' [steps] axis (`multi_train_step`), pmap-ed.
+# (state, batches, rng) -> (state, metrics): the state and metrics the same on every device.
+TRAIN_IN_PLACES = (parallel.Place.REPLICATED, parallel.Place.PER_DEVICE, parallel.Place.SAME)
+TRAIN_OUT_PLACES = (parallel.Place.REPLICATED, parallel.Place.REPLICATED)
 
-    p_step(state, batches, rng): state replicated over the local devices, batches shaped
-    [devices, steps, b, H, W, C], rng the run's key (not mapped); metrics [devices, steps].
+
+def make_p_train_step(
+    config: ml_collections.ConfigDict, schedule, wrapper: parallel.Wrapper | None = None
+) -> Callable:
+    """The per-device step, fused over the batches' [steps] axis (`multi_train_step`), wrapped.
+
+    p_step(state, batches, rng): state from `wrapper.replicate`, batches from
+    `wrapper.put(..., PER_DEVICE)` of host rows [local devices, steps, b, H, W, C], rng the run's
+    key (`Place.SAME`); metrics replicated [steps] (pmap: [devices, steps]). The state is donated.
+    wrapper: default `parallel.Wrapper(experiment.parallelism(config))`.
     """
+    wrapper = wrapper or parallel.Wrapper(experiment.parallelism(config))
     fused = functools.partial(multi_train_step, step_fn=make_step_fn(config, schedule))
-    return parallel.pmap(fused, in_axes=(0, 0, None), donate_argnums=(0,))
+    return wrapper.wrap(
+        fused, in_places=TRAIN_IN_PLACES, out_places=TRAIN_OUT_PLACES, donate_argnums=(0,)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +250,7 @@ def make_grid_sampler(config: ml_collections.ConfigDict, model, schedule) -> Cal
         per_device_batch=-(-num // jax.local_device_count()),
         image_shape=experiment.image_shape(config),
         num_classes=experiment.num_classes(config),
+        parallelism=experiment.parallelism(config),
     )
     return lambda rng, params: np.asarray(sampling.to_uint8(sample_fn(rng, params).images))[:num]
 
@@ -298,7 +312,8 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
             process_count=jax.process_count(),
             local_device_count=jax.local_device_count(),
         )
-        p_train_step = make_p_train_step(config, schedule)
+        wrapper = parallel.Wrapper(experiment.parallelism(config))
+        p_train_step = make_p_train_step(config, schedule, wrapper)
         grid = make_grid_sampler(config, model, schedule)
         fid_every = config.eval.fid_every
         score_fid = make_fid_evaluator(config, model, schedule) if fid_every else None
@@ -311,7 +326,8 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
             max_skipped=config.train.max_skipped_steps,
             num_skipped=int(state.num_skipped),
         )
-        pstate = parallel.replicate(state)
+        pstate = wrapper.replicate(state)
+        step_rng = wrapper.put(step_rng, parallel.Place.SAME)
         del state
         metric_log = loop_utils.MetricLog()
         step = start_step
@@ -329,7 +345,8 @@ def _train(config, workdir, sigterm, metrics_sink) -> train_state.TrainState:
 
         while step < num_steps:
             n = min(k, num_steps - step)
-            pstate, metrics = p_train_step(pstate, _stack_batches(data, n), step_rng)
+            batches = wrapper.put(_stack_batches(data, n), parallel.Place.PER_DEVICE)
+            pstate, metrics = p_train_step(pstate, batches, step_rng)
             metric_log.add(step, metrics)
             step += n
             progress.update(n)
