@@ -333,7 +333,7 @@ _INSTEAD = {
 
 def _usage() -> str:
     lines = ["usage: ddpm-jax {" + "|".join(COMMANDS) + "} [flags]", ""]
-    lines += [f"  {name:<8}{cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += [f"  {name:<12}{cmd.summary}" for name, cmd in COMMANDS.items()]
     lines += ["", "ddpm-jax COMMAND --help lists the flags of COMMAND."]
     return "\n".join(lines)
 
