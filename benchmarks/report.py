@@ -1,9 +1,9 @@
 """Renders the JSON of a run (benchmarks/results/*.json, results_gpu/gpu_check.json) as Markdown.
 
-  python benchmarks/report.py [--results benchmarks/results] [--out benchmarks/RESULTS.md]
+  python benchmarks/report.py [--results benchmarks/results] [--out RESULTS_DIR/REPORT.md]
 
-Each JSON file becomes a section: its machine line and its table (the columns it stored).
-RESULTS.md holds recorded runs; regenerate it only from a full run (run_all.sh does).
+Each JSON file becomes a section: its machine line and its table (the columns it stored). The
+curated benchmarks/RESULTS.md quotes these reports; it is edited by hand, never overwritten.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=harness.RESULTS_DIR)
     parser.add_argument("--gpu_results", default=os.path.join(harness.HERE, "results_gpu"))
-    parser.add_argument("--out", default=os.path.join(harness.HERE, "RESULTS.md"))
+    parser.add_argument("--out", default=None, help="default: <results>/REPORT.md")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(args.results, "REPORT.md")
     parts = ["# Benchmarks", "", "Rendered by `benchmarks/report.py` from the JSON of a run."]
     for title, directory in (("CPU", args.results), ("GPU", args.gpu_results)):
         parts += ["", f"# {title}"]
