@@ -90,3 +90,13 @@ def test_command_that_does_not_fit_exits_3_saying_by_how_much():
     # compiles and the report says by how much it is over.
     assert "DOES NOT FIT" in proc.stdout
     assert "exceeds available HBM" in proc.stdout or "over the chip's 16.00 GiB" in proc.stdout
+
+
+def test_the_readme_compile_command_runs_and_reports_the_chip():
+    with open(os.path.join(REPO, "README.md")) as f:
+        (line,) = [x for x in f.read().splitlines() if x.startswith("ddpm-jax compile ")]
+    cmd = [sys.executable, "-m", "ddpm_jax.main", *line.split()[1:]]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "all-reduce" in proc.stdout and "GiB" in proc.stdout, proc.stdout
