@@ -1,11 +1,13 @@
 """Multi-host semantics on one machine: 2 processes x 2 CPU devices behave as 1 process x 4.
 
-Two jobs run once for the whole module (tests/multihost_worker.py, started with subprocess):
+Three jobs run once for the whole module (tests/multihost_worker.py, started with subprocess):
   one: 1 process x 4 devices: trains configs/test.py into run1, then samples from run1;
   two: 2 processes x 2 devices (gloo over loopback): trains the same config into run2, restores
-       run1's checkpoint (written by one process), and samples from run1 with the same seed.
-The single-process job uses the persistent compilation cache; the two-process job cannot (see
-tests/multihost_worker.py), so its compiles take most of the time.
+       run1's checkpoint (written by one process), and samples from run1 with the same seed;
+  shard: 2 processes x 2 devices: trains it into run3 with train.parallelism="shard_map" (global
+       arrays over a mesh of both processes' devices instead of a pmap per process).
+The single-process job uses the persistent compilation cache; the two-process jobs cannot (see
+tests/multihost_worker.py), so their compiles take most of the time.
 Each job is killed, and the module fails, when any process fails or the job overruns its time.
 """
 
@@ -35,6 +37,7 @@ NUM_STEPS = 20
 MODEL = {"ch_mult": [1], "attn_resolutions": []}
 TRAIN = {"num_steps": NUM_STEPS, "log_every": 5, "checkpoint_every": 10, "sample_every": 20}
 SAMPLE = {"num_grid": 8}
+SHARD_MAP_TRAIN = {**TRAIN, "parallelism": "shard_map"}  # the third job's training run
 GENERATE = {"num_samples": 12, "batch_size": 8, "seed": 3}  # a full and a partial shard
 
 
@@ -139,7 +142,14 @@ def jobs(tmp_path_factory):
             },
         ],
     )
-    return {"root": root, "logs_one": logs_one, "logs_two": logs_two}
+    logs_shard = _run_job(
+        root,
+        "shard",
+        num_processes=2,
+        devices=2,
+        tasks=[{**train, "train": SHARD_MAP_TRAIN, "workdir": str(root / "run3")}],
+    )
+    return {"root": root, "logs_one": logs_one, "logs_two": logs_two, "logs_shard": logs_shard}
 
 
 def _state(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -198,10 +208,38 @@ def test_metrics_are_global_and_only_process_zero_logs_and_writes(jobs):
 
 
 @pytest.mark.multiprocess
-def test_checkpoint_of_two_processes_restores_in_one_process(jobs):
+def test_two_processes_under_shard_map_train_like_one_process_under_pmap(jobs):
+    """The third job: the same 2 x 2 run as the second, with the jit(shard_map) wrapper."""
     root = jobs["root"]
-    two = _result(root, "two", "train")
-    with checkpoint.Checkpointer(root / "run2", train_state.LAYOUT, read_only=True) as ckpt:
+    one = _result(root, "one", "train")
+    shard = [_result(root, "shard", "train", p) for p in (0, 1)]
+    for step in range(NUM_STEPS):  # the global batch is the same 4 device rows
+        np.testing.assert_array_equal(
+            np.concatenate([shard[0]["index"][step], shard[1]["index"][step]]),
+            one["index"][step],
+        )
+    one, shard = _state(one), [_state(r) for r in shard]
+    assert int(one["step"]) == int(shard[0]["step"]) == NUM_STEPS
+    _assert_trees_close(shard[1], shard[0], rtol=0, atol=0)  # one global replicated state
+    # Tolerance and reason as in test_two_processes_train_like_one_process_with_four_devices.
+    _assert_trees_close(shard[0], one, rtol=1e-4, atol=2e-5)
+    losses = _logged_losses(jobs["logs_shard"][0])  # pmean over all 4 devices, process 0 logs
+    expected = _logged_losses(jobs["logs_one"][0])
+    assert sorted(losses) == sorted(expected) == [5, 10, 15, 20]
+    for step in expected:
+        np.testing.assert_allclose(losses[step], expected[step], rtol=1e-4, err_msg=str(step))
+    assert _logged_losses(jobs["logs_shard"][1]) == {}
+    run3 = root / "run3"  # the grid sampler ran under shard_map too; process 0 wrote it
+    assert (run3 / "samples" / f"step_{NUM_STEPS:08d}.png").is_file()
+    assert len(list((run3 / "tensorboard").iterdir())) == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("job, workdir", [("two", "run2"), ("shard", "run3")])
+def test_checkpoint_of_two_processes_restores_in_one_process(jobs, job, workdir):
+    root = jobs["root"]
+    two = _result(root, job, "train")
+    with checkpoint.Checkpointer(root / workdir, train_state.LAYOUT, read_only=True) as ckpt:
         assert ckpt.all_steps() == [10, 20]
         _, restored = checkpoint.restore(ckpt, items=("params", "ema_params", "opt_state", "meta"))
     assert restored["meta"]["step"] == NUM_STEPS
