@@ -47,6 +47,8 @@ class Sampler(diffusion.Choice):
 
     ANCESTRAL = "ddpm"  # Algorithm 2 of Ho et al. 2020: all T steps
     DDIM = "ddim"  # Song et al. 2021: `steps` strided steps, noise scaled by eta
+    RESPACED = "respaced"  # Nichol & Dhariwal 2021, Sec. 4: Algorithm 2 on `steps` timesteps
+    DPM_SOLVER_PP = "dpm++2m"  # Lu et al. 2022, Alg. 2: multistep, second order, deterministic
 
 
 class Spacing(diffusion.Choice):
@@ -54,14 +56,17 @@ class Spacing(diffusion.Choice):
 
     UNIFORM = "uniform"
     QUADRATIC = "quadratic"  # dense near t = 0 (Song et al. 2021, CIFAR-10)
+    LOGSNR = "logsnr"  # uniform in lambda = log(alpha / sigma) (Lu et al. 2022); nearest index
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """Everything that chooses a sampler: built once, handed to `make_pmapped_sampler` / `draw`.
 
-    steps, eta and spacing are read by the few-step samplers (DDIM) and ignored by the ancestral
-    one, which always runs all T steps. Strings are converted to the enums.
+    steps and spacing are read by the few-step samplers (DDIM, respaced, DPM-Solver++), eta by
+    DDIM alone; the ancestral sampler always runs all T steps. guidance is the classifier-free
+    guidance weight w of every sampler (0: off; needs a class-conditional model with a null
+    class). Strings are converted to the enums.
     """
 
     sampler: Sampler = Sampler.ANCESTRAL
@@ -69,24 +74,31 @@ class SamplerSpec:
     eta: float = 0.0
     spacing: Spacing = Spacing.UNIFORM
     clip_denoised: bool = True
+    guidance: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", Sampler(self.sampler))
         object.__setattr__(self, "spacing", Spacing(self.spacing))
+        object.__setattr__(self, "guidance", _check_guidance(self.guidance))
 
     def validate(self, num_timesteps: int) -> SamplerSpec:
         """Raises ValueError naming a field the schedule cannot run; returns self."""
+        if self.sampler is not Sampler.ANCESTRAL:
+            check_num_steps(num_timesteps, self.steps)
         if self.sampler is Sampler.DDIM:
-            ddim_timesteps(num_timesteps, self.steps, self.spacing)
             _check_eta(self.eta)
         return self
 
     @property
     def tag(self) -> str:
-        """A short name for output directories: "ddpm", "ddim50-eta0"."""
+        """A short name for output directories: "ddpm", "ddim50-eta0", "dpm++2m20-g3"."""
         if self.sampler is Sampler.ANCESTRAL:
-            return "ddpm"
-        return f"ddim{self.steps}-eta{self.eta:g}"
+            name = "ddpm"
+        elif self.sampler is Sampler.DDIM:
+            name = f"ddim{self.steps}-eta{self.eta:g}"
+        else:
+            name = f"{self.sampler.value}{self.steps}"
+        return f"{name}-g{self.guidance:g}" if self.guidance else name
 
 
 class Trajectory(NamedTuple):
@@ -311,30 +323,95 @@ def sample(
 # --------------------------------------------------------------------------------------------
 
 
+def check_num_steps(num_timesteps: int, num_steps) -> int:
+    """num_steps as an int, or ValueError unless it is an int in [1, T]."""
+    T, S = int(num_timesteps), num_steps
+    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
+        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    return int(S)
+
+
+def _strictly_increasing(raw: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """The nearest strictly increasing sequence in [0, T-1] to raw (sorted): pushed up, then down.
+
+    With u_i = t_i - i: u = max-accumulate(raw - i) is non-decreasing, and so is min(u, T - S).
+    """
+    offsets = np.arange(len(raw))
+    up = np.maximum.accumulate(np.maximum(raw, 0) - offsets)
+    return np.minimum(up, num_timesteps - len(raw)) + offsets
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing=Spacing.UNIFORM) -> np.ndarray:
     """The S = num_steps timesteps DDIM visits: distinct, increasing, the last one T-1.
 
     "uniform": t_i = floor((i+1) T / S) - 1 (every timestep when S = T); "quadratic": t_i =
     floor((i+1)^2 T / S^2) - 1, dense near t = 0 (Song et al. 2021 use it for CIFAR-10), pushed
     up where needed to keep the S timesteps distinct. Both start the chain at t = T-1, where
-    x_T ~ N(0, I) is the forward process's end. Sampling runs them in reverse.
+    x_T ~ N(0, I) is the forward process's end. Sampling runs them in reverse. "logsnr" needs
+    the schedule: see `sampler_timesteps`.
 
     Raises:
       ValueError: num_steps outside [1, T] or unknown spacing (naming the value).
     """
-    T, S = int(num_timesteps), num_steps
-    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
-        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    T = int(num_timesteps)
+    S = check_num_steps(T, num_steps)
+    spacing = Spacing(spacing)
     i = np.arange(1, S + 1, dtype=np.int64)
-    if Spacing(spacing) is Spacing.UNIFORM:
+    if spacing is Spacing.UNIFORM:
         raw = i * T // S - 1
-    else:
+    elif spacing is Spacing.QUADRATIC:
         raw = i * i * T // (S * S) - 1
-    # t_i = max_{j <= i} (raw_j + i - j): the smallest strictly increasing sequence >= raw.
+    else:
+        raise ValueError("spacing 'logsnr' depends on the schedule: use sampler_timesteps")
     # raw_j <= (j+1) T/S - 1 <= T - S + j for both spacings, so t_{S-1} stays T - 1.
-    raw = np.maximum(raw, 0)
-    offsets = np.arange(S)
-    return np.maximum.accumulate(raw - offsets) + offsets
+    return _strictly_increasing(raw, T)
+
+
+def _alpha_bars(schedule: DiffusionSchedule) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha_bar, 1 - alpha_bar) float64 [T] read from a concrete (not traced) schedule."""
+    try:
+        alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+        # 1 - alpha_bar from its float64-precomputed root: no float32 cancellation near t = 0.
+        one_minus = np.square(np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64))
+    except jax.errors.TracerArrayConversionError as e:
+        raise ValueError(
+            "this sampler reads the schedule's values when it is built: close the schedule "
+            "over (a constant), do not pass it through jit as a traced argument"
+        ) from e
+    return alpha_bar, one_minus
+
+
+def logsnr_timesteps(schedule: DiffusionSchedule, num_steps: int) -> np.ndarray:
+    """S increasing timesteps, from 0 to T-1, whose lambda = log(alpha / sigma) are nearest to
+    S values uniform in lambda between lambda(T-1) and lambda(0) (Lu et al. 2022, Sec. 3.4).
+
+    The discrete schedule is kept (the network only knows integer timesteps): each uniform
+    lambda is rounded to the timestep of nearest lambda, then ties are pushed apart.
+    """
+    T = schedule.num_timesteps
+    S = check_num_steps(T, num_steps)
+    alpha_bar, one_minus = _alpha_bars(schedule)
+    lam = 0.5 * (np.log(alpha_bar) - np.log(one_minus))  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], S)[::-1]  # S = 1: lambda(T-1) alone
+    raw = np.argmin(np.abs(lam[None, :] - targets[:, None]), axis=1)
+    return _strictly_increasing(np.sort(raw), T)
+
+
+def sampler_timesteps(schedule: DiffusionSchedule, num_steps: int, spacing) -> np.ndarray:
+    """The S increasing timesteps a few-step sampler visits (the last T-1), for any Spacing."""
+    if Spacing(spacing) is Spacing.LOGSNR:
+        return logsnr_timesteps(schedule, num_steps)
+    return ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+
+
+def _check_guidance(guidance) -> float:
+    try:
+        value = float(guidance)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"guidance must be a Python number >= 0, got {guidance!r}") from e
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    return value
 
 
 def _check_eta(eta) -> float:
@@ -374,7 +451,7 @@ def ddim_sample(
       shape: [B, ...] of the samples.
       num_steps: S in [1, T] (static).
       eta: in [0, 1] (a static Python number); 0 draws no noise at all.
-      spacing: a Spacing (or "uniform" / "quadratic").
+      spacing: a Spacing (or "uniform" / "quadratic" / "logsnr").
       model_mean_type: diffusion.ModelMeanType (or its value).
       clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
       return_trajectory: also return a Trajectory of all S steps (x_t entering each step).
@@ -386,7 +463,7 @@ def ddim_sample(
       ValueError: num_steps outside [1, T], eta outside [0, 1], or an unknown spacing.
     """
     shape = _check_shape(shape)
-    ts_up = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+    ts_up = sampler_timesteps(schedule, num_steps, spacing)
     eta = _check_eta(eta)
     mean_type = diffusion.ModelMeanType(model_mean_type)
 
@@ -411,6 +488,86 @@ def ddim_sample(
     t_prevs = np.append(ts[1:], -1)
     x_T, step_rngs = _split_rngs(rng, shape, len(ts), jnp.float32)
     return _run_chain(step_fn, x_T, ts, t_prevs, step_rngs, ts if return_trajectory else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Respaced ancestral sampling, Nichol & Dhariwal 2021, Sec. 4.
+# --------------------------------------------------------------------------------------------
+
+
+def respaced_schedule(schedule: DiffusionSchedule, timesteps: Sequence[int]) -> DiffusionSchedule:
+    """The forward process restricted to `timesteps` (increasing), as a chain of its own.
+
+    Its alpha_bar are the schedule's at those timesteps, so its betas are
+    beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (alpha_bar_{t_{-1}} = 1), and every
+    coefficient (beta-tilde', the posterior coefficients) follows in float64 from them.
+    """
+    ts = np.asarray(timesteps, np.int64)
+    if ts.ndim != 1 or not len(ts) or (np.diff(ts) <= 0).any() or ts[0] < 0:
+        raise ValueError(f"timesteps must be increasing indices >= 0, got {timesteps!r}")
+    alpha_bar, one_minus = _alpha_bars(schedule)
+    prev_alpha_bar = np.append(1.0, alpha_bar[ts[:-1]])
+    prev_one_minus = np.append(0.0, one_minus[ts[:-1]])
+    # 1 - ab_t / ab_s from the float32 schedule, whichever way loses less: near t = 0 as
+    # ((1 - ab_t) - (1 - ab_s)) / ab_s (both accurate, no 1 - 0.9999... cancellation), and
+    # where alpha_bar is small as 1 - ab_t / ab_s (a ratio of accurate small numbers).
+    near_start = one_minus[ts] < prev_alpha_bar
+    betas = np.where(
+        near_start,
+        (one_minus[ts] - prev_one_minus) / prev_alpha_bar,
+        1.0 - alpha_bar[ts] / prev_alpha_bar,
+    )
+    return DiffusionSchedule.from_betas(betas)
+
+
+def respaced_sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    spacing=Spacing.UNIFORM,
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+):
+    """Draws x_0 by Algorithm 2 on the S = num_steps timesteps of `sampler_timesteps`.
+
+    The chain is the respaced one (`respaced_schedule`): its means, beta' and beta-tilde' (and a
+    learned variance's interpolation between them) are its own, while the network is called
+    with the original timestep indices t_i. Keys as for `sample` with S steps; with S = T it is
+    `sample`. The schedule must be concrete (closed over, not a traced argument).
+
+    Args:
+      rng, denoise_fn, schedule, shape: as for `sample`.
+      num_steps: S in [1, T] (static).
+      spacing: a Spacing (or its value).
+      model_mean_type, model_var_type, clip_denoised: as for `p_sample_loop`.
+      return_trajectory: also return a Trajectory of all S steps (t: original timesteps).
+
+    Returns:
+      x_0 float32 [shape], or (x_0, Trajectory) if return_trajectory.
+    """
+    shape = _check_shape(shape)
+    ts = sampler_timesteps(schedule, num_steps, spacing)
+    original_t = jnp.asarray(ts, jnp.int32)
+    x_T, step_rngs = _split_rngs(rng, shape, len(ts), jnp.float32)
+    out = p_sample_loop(
+        step_rngs,
+        lambda x_t, i: denoise_fn(x_t, original_t[i]),
+        respaced_schedule(schedule, ts),
+        x_T,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+        return_trajectory=return_trajectory,
+    )
+    if not return_trajectory:
+        return out
+    x_0, traj = out
+    return x_0, traj._replace(t=original_t[traj.t])
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,27 +604,14 @@ def draw(
     output: diffusion.ModelOutput,
 ) -> jax.Array:
     """x_0 [shape] from the sampler `spec` names (one lax.scan; wrap in jit or pmap)."""
+    mean_type, var_type = output.mean_type, output.var_type
+    common = dict(model_mean_type=mean_type, clip_denoised=spec.clip_denoised)
     if spec.sampler is Sampler.ANCESTRAL:
-        return sample(
-            rng,
-            denoise_fn,
-            schedule,
-            shape,
-            model_mean_type=output.mean_type,
-            model_var_type=output.var_type,
-            clip_denoised=spec.clip_denoised,
-        )
-    return ddim_sample(
-        rng,
-        denoise_fn,
-        schedule,
-        shape,
-        num_steps=spec.steps,
-        eta=spec.eta,
-        spacing=spec.spacing,
-        model_mean_type=output.mean_type,
-        clip_denoised=spec.clip_denoised,
-    )
+        return sample(rng, denoise_fn, schedule, shape, model_var_type=var_type, **common)
+    few = dict(num_steps=spec.steps, spacing=spec.spacing, **common)
+    if spec.sampler is Sampler.RESPACED:
+        return respaced_sample(rng, denoise_fn, schedule, shape, model_var_type=var_type, **few)
+    return ddim_sample(rng, denoise_fn, schedule, shape, eta=spec.eta, **few)
 
 
 def sample_labels(rng: jax.Array, batch_size: int, num_classes: int) -> jax.Array:
