@@ -46,6 +46,11 @@ class ModelVarType(Choice):
     FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t
 
 
+def learns_variance(model_var_type) -> bool:
+    """Whether the network outputs variance channels (2C) beside the mean's (C)."""
+    return False
+
+
 class LossWeighting(Choice):
     """Per-example weights of L_simple."""
 
@@ -416,6 +421,70 @@ def ddim_step(
     direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0))
     x_prev = jnp.sqrt(alpha_bar_prev) * pred_xstart + direction * eps + sigma * noise
     return x_prev, pred_xstart
+
+
+def dpm_solver_pp_step(
+    schedule: DiffusionSchedule,
+    model_output,
+    x_t,
+    t,
+    t_prev,
+    prev_pred_xstart,
+    prev_h,
+    *,
+    model_mean_type,
+    clip_denoised: bool,
+):
+    """One step of DPM-Solver++(2M) from t to t_prev < t (Lu et al. 2022, Algorithm 2).
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_prev -
+    lambda_t and x0_hat the data prediction at (x_t, t):
+
+        x_prev = (sigma_prev / sigma_t) x_t + alpha_prev (1 - e^{-h}) D,
+        D = x0_hat + (h / (2 h_last)) (x0_hat - x0_hat_last)     (second order, r = h_last / h)
+
+    and D = x0_hat (first order, i.e. DDIM with eta = 0) where there is no previous step
+    (prev_h <= 0) or at the end of the chain (t_prev = -1: sigma_prev = 0, h = inf), where the
+    step returns x0_hat: the paper's lower order at the final step.
+
+    Args:
+      schedule: the DiffusionSchedule.
+      model_output: [B, ...] the network's output at (x_t, t).
+      x_t: [B, ...].
+      t: int [B].
+      t_prev: int [B]; -1 means the end of the chain (alpha_bar = 1).
+      prev_pred_xstart: [B, ...] x0_hat of the previous step (anything where prev_h <= 0).
+      prev_h: float [B] the previous step's h; <= 0 for none.
+      model_mean_type: a ModelMeanType (or its string value).
+      clip_denoised: clip the predicted x_0 to [-1, 1] (thresholding of the data prediction).
+
+    Returns:
+      (x_prev [B, ...], pred_xstart [B, ...], h float [B]; 0 at the end of the chain).
+    """
+    model_mean_type = ModelMeanType(model_mean_type)
+    _check_t(t, x_t)
+    _check_t(t_prev, x_t, name="t_prev")
+    _check_same_shape(model_output=model_output, x_t=x_t, prev_pred_xstart=prev_pred_xstart)
+    pred_xstart = _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
+    inside = t_prev >= 0
+    index_prev = jnp.maximum(t_prev, 0)
+    lam = jnp.log(schedule.sqrt_alphas_cumprod) - jnp.log(schedule.sqrt_one_minus_alphas_cumprod)
+    h = jnp.where(inside, lam[index_prev] - lam[t], 0.0)  # [B]
+    second = inside & (prev_h > 0)
+    half_ratio = jnp.where(second, h / (2.0 * jnp.where(second, prev_h, 1.0)), 0.0)  # 1 / (2r)
+    d = pred_xstart + _per_example(half_ratio, x_t) * (pred_xstart - prev_pred_xstart)
+    sigma_ratio = jnp.where(
+        inside,
+        schedule.sqrt_one_minus_alphas_cumprod[index_prev]
+        / schedule.sqrt_one_minus_alphas_cumprod[t],
+        0.0,
+    )
+    alpha_prev = jnp.where(inside, schedule.sqrt_alphas_cumprod[index_prev], 1.0)
+    one_minus_exp = jnp.where(inside, -jnp.expm1(-h), 1.0)  # 1 - e^{-h}
+    x_prev = (
+        _per_example(sigma_ratio, x_t) * x_t + _per_example(alpha_prev * one_minus_exp, x_t) * d
+    )
+    return x_prev, pred_xstart, h
 
 
 # ------------------------------------------------------------------------------------ losses

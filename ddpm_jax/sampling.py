@@ -180,12 +180,16 @@ def _run_chain(
     return x_0, Trajectory(jnp.asarray(record_ts, jnp.int32), *frames)
 
 
-def _model_output(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    """Calls the network and checks that it returned one value per element of x_t."""
+def _model_output(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, var_type=None) -> jax.Array:
+    """Calls the network and checks its output against x_t; the mean channels alone (the
+    first C of 2C) where var_type is given and learned, for samplers that need no variance."""
     out = denoise_fn(x_t, t)
-    if out.shape != x_t.shape:
-        raise ValueError(f"denoise_fn returned shape {out.shape}; expected x_t's {x_t.shape}")
-    return out.astype(x_t.dtype)
+    channels = x_t.shape[-1] * (2 if diffusion.learns_variance(var_type) else 1)
+    if out.shape != (*x_t.shape[:-1], channels):
+        raise ValueError(
+            f"denoise_fn returned shape {out.shape}; expected {(*x_t.shape[:-1], channels)}"
+        )
+    return out[..., : x_t.shape[-1]].astype(x_t.dtype)
 
 
 def _split_rngs(rng: jax.Array, shape: Sequence[int], num_steps: int, dtype):
@@ -571,6 +575,74 @@ def respaced_sample(
 
 
 # --------------------------------------------------------------------------------------------
+# DPM-Solver++(2M), Lu et al. 2022.
+# --------------------------------------------------------------------------------------------
+
+
+def dpm_solver_pp_sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    spacing=Spacing.LOGSNR,
+    model_mean_type,
+    model_var_type=diffusion.ModelVarType.FIXED_LARGE,
+    clip_denoised: bool = True,
+):
+    """Draws x_0 with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): S network calls, no noise.
+
+    The S timesteps of `sampler_timesteps` are visited in reverse, paired with their successors
+    as in DDIM (the last with -1: alpha_bar = 1). The first step is first order (DDIM), the
+    others second order from the previous data prediction, kept in the scan's carry with its
+    step h; the final step, to sigma = 0, is first order and returns x0_hat.
+
+    Keys: rng -> (rng_x, unused) as `ddim_sample` splits it, so both start from the same x_T.
+
+    Args:
+      rng, denoise_fn, schedule, shape: as for `ddim_sample`.
+      num_steps: S in [1, T] (static).
+      spacing: a Spacing; "logsnr" (the paper's choice) needs a concrete schedule.
+      model_mean_type: diffusion.ModelMeanType (or its value).
+      model_var_type: only says whether the network also outputs variance channels (ignored).
+      clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
+
+    Returns:
+      x_0 float32 [shape].
+    """
+    shape = _check_shape(shape)
+    ts = sampler_timesteps(schedule, num_steps, spacing)[::-1]
+    t_prevs = np.append(ts[1:], -1)
+    mean_type = diffusion.ModelMeanType(model_mean_type)
+    var_type = diffusion.ModelVarType(model_var_type)
+    x_T, _ = _split_rngs(rng, shape, len(ts), jnp.float32)
+    batch = shape[0]
+
+    def body(carry, xs):
+        x_t, prev_pred_xstart, prev_h = carry
+        t = jnp.full((batch,), xs[0], jnp.int32)
+        t_prev = jnp.full((batch,), xs[1], jnp.int32)
+        x_prev, pred_xstart, h = diffusion.dpm_solver_pp_step(
+            schedule,
+            _model_output(denoise_fn, x_t, t, var_type),
+            x_t,
+            t,
+            t_prev,
+            prev_pred_xstart,
+            prev_h,
+            model_mean_type=mean_type,
+            clip_denoised=clip_denoised,
+        )
+        return (x_prev, pred_xstart, h), None
+
+    carry = (x_T, jnp.zeros_like(x_T), jnp.zeros((batch,), jnp.float32))
+    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(t_prevs, jnp.int32))
+    (x_0, _, _), _ = jax.lax.scan(body, carry, xs)
+    return x_0
+
+
+# --------------------------------------------------------------------------------------------
 # Models, labels and devices.
 # --------------------------------------------------------------------------------------------
 
@@ -611,6 +683,10 @@ def draw(
     few = dict(num_steps=spec.steps, spacing=spec.spacing, **common)
     if spec.sampler is Sampler.RESPACED:
         return respaced_sample(rng, denoise_fn, schedule, shape, model_var_type=var_type, **few)
+    if spec.sampler is Sampler.DPM_SOLVER_PP:
+        return dpm_solver_pp_sample(
+            rng, denoise_fn, schedule, shape, model_var_type=var_type, **few
+        )
     return ddim_sample(rng, denoise_fn, schedule, shape, eta=spec.eta, **few)
 
 
