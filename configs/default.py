@@ -72,13 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
     train.sample_every = 20_000
     train.nonfinite = "stop"  # stop | skip
     train.max_skipped_steps = 10
+    # Classifier-free guidance (Ho & Salimans 2021): each label is replaced by the null class
+    # (label num_classes; the UNet gets one more embedding row) with this probability. 0: off.
+    train.label_dropout = 0.0
 
     # Samples written during training and by the `sample` command's defaults.
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_grid = 64
-    sample.sampler = "ddpm"  # ddpm | ddim
-    sample.ddim_steps = 50
-    sample.ddim_eta = 0.0
-    sample.ddim_spacing = "uniform"  # uniform | quadratic
+    sample.sampler = "ddpm"  # ddpm | ddim | respaced | dpm++2m
+    sample.ddim_steps = 50  # steps of the few-step samplers (ddim, respaced, dpm++2m)
+    sample.ddim_eta = 0.0  # ddim only
+    sample.ddim_spacing = "uniform"  # uniform | quadratic | logsnr (few-step samplers)
     sample.clip_denoised = True
+    # Classifier-free guidance weight w (every sampler): (1 + w) eps(x, y) - w eps(x, null).
+    # 0: off; > 0 needs data.class_conditional and train.label_dropout > 0.
+    sample.guidance = 0.0
     return config

@@ -273,6 +273,18 @@ def _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
     return jnp.clip(pred_xstart, -1.0, 1.0) if clip_denoised else pred_xstart
 
 
+def classifier_free_guidance(cond_output, uncond_output, guidance: float, *, channels: int):
+    """(1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans 2021, Eq. 6) on the first `channels`
+    channels; any further (variance) channels are the conditional ones. Shapes [B, ..., C'].
+
+    The combination has weights summing to 1, so it is the same affine combination whether the
+    network predicts eps, x_0 or v: guiding the raw output guides eps.
+    """
+    _check_same_shape(cond_output=cond_output, uncond_output=uncond_output)
+    mean = (1.0 + guidance) * cond_output[..., :channels] - guidance * uncond_output[..., :channels]
+    return jnp.concatenate([mean, cond_output[..., channels:]], axis=-1)
+
+
 # ------------------------------------------------------------------------ reverse process p
 
 

@@ -60,6 +60,7 @@ def _validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     _validate_optim(config.optim)
     _validate_train(config.train, device_count=device_count)
     _validate_sample(config.sample, num_timesteps=config.diffusion.num_timesteps)
+    _check_guidance(config)
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:
@@ -155,6 +156,7 @@ def _validate_train(train: ml_collections.ConfigDict, *, device_count: int) -> N
     _check_number(train, "ema_decay", low=0.0, high=1.0, high_open=True, prefix=p)
     _check_bool(train, "ema_warmup", prefix=p)
     _check_choice(train, "nonfinite", NonFinite, prefix=p)
+    _check_number(train, "label_dropout", low=0.0, high=1.0, high_open=True, prefix=p)
 
 
 def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -> None:
@@ -165,9 +167,25 @@ def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -
     _check_choice(sample, "ddim_spacing", sampling.Spacing, prefix=p)
     _check_number(sample, "ddim_eta", low=0.0, high=1.0, prefix=p)
     _check_bool(sample, "clip_denoised", prefix=p)
-    if sample.sampler == "ddim" and sample.ddim_steps > num_timesteps:
+    if sample.sampler != "ddpm" and sample.ddim_steps > num_timesteps:
         raise ValueError(
             f"{p}.ddim_steps={sample.ddim_steps}: more than the {num_timesteps} diffusion steps"
+        )
+    _check_number(sample, "guidance", low=0.0, prefix=p)
+
+
+def _check_guidance(config: ml_collections.ConfigDict) -> None:
+    """config.sample.guidance > 0 needs a null class: class-conditional, with label dropout."""
+    if config.train.label_dropout > 0 and not config.data.class_conditional:
+        raise ValueError(
+            f"config.train.label_dropout={config.train.label_dropout!r}: needs labels "
+            "(config.data.class_conditional=True)"
+        )
+    if config.sample.guidance > 0 and not has_null_class(config):
+        raise ValueError(
+            f"config.sample.guidance={config.sample.guidance!r}: needs a null class "
+            f"(config.data.class_conditional={config.data.class_conditional!r}, "
+            f"config.train.label_dropout={config.train.label_dropout!r}; both must be on)"
         )
 
 
@@ -228,6 +246,11 @@ def num_classes(config: ml_collections.ConfigDict) -> int | None:
     return config.data.num_classes if config.data.class_conditional else None
 
 
+def has_null_class(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model has the null class of classifier-free guidance (label num_classes)."""
+    return bool(config.data.class_conditional and config.train.label_dropout > 0)
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """(H, W, C) of the data and the samples."""
     return (config.data.image_size, config.data.image_size, config.data.channels)
@@ -236,7 +259,10 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def unet_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """UNet(**kwargs) of config.model, with out_ch from the data and labels if conditional."""
     return dict(
-        config.model.to_dict(), out_ch=config.data.channels, num_classes=num_classes(config)
+        config.model.to_dict(),
+        out_ch=config.data.channels,
+        num_classes=num_classes(config),
+        null_class=has_null_class(config),
     )
 
 
@@ -264,8 +290,15 @@ def sampler_spec(config: ml_collections.ConfigDict, **overrides) -> sampling.Sam
         eta=sample.ddim_eta,
         spacing=sample.ddim_spacing,
         clip_denoised=sample.clip_denoised,
+        guidance=sample.guidance,
     )
-    return dataclasses.replace(spec, **overrides) if overrides else spec
+    spec = dataclasses.replace(spec, **overrides) if overrides else spec
+    if spec.guidance and not has_null_class(config):
+        raise ValueError(
+            f"guidance={spec.guidance:g}: the model has no null class (it needs "
+            "config.data.class_conditional and config.train.label_dropout > 0 in training)"
+        )
+    return spec
 
 
 def create_learning_rate_fn(optim: ml_collections.ConfigDict) -> optax.Schedule:

@@ -647,21 +647,51 @@ def dpm_solver_pp_sample(
 # --------------------------------------------------------------------------------------------
 
 
-def make_denoise_fn(apply_fn: Callable, params, *, labels: jax.Array | None = None) -> DenoiseFn:
+def make_denoise_fn(
+    apply_fn: Callable,
+    params,
+    *,
+    labels: jax.Array | None = None,
+    guidance: float = 0.0,
+    null_label: int | None = None,
+) -> DenoiseFn:
     """Closes flax params (and class labels) into denoise_fn(x_t, t) for the samplers.
+
+    With guidance w > 0 (classifier-free guidance, Ho & Salimans 2021) each call is ONE network
+    call on the batch doubled, [x_t; x_t] with labels [y; null], combined as
+    (1 + w) eps(x_t, y) - w eps(x_t, null) (`diffusion.classifier_free_guidance`).
 
     Args:
       apply_fn: a flax `Module.apply`, called as apply_fn({"params": params}, x_t, t[, labels],
         train=False) (labels are passed only when given).
       params: the parameter tree (e.g. the EMA parameters).
       labels: int32 [B] class labels for class-conditional sampling; see `sample_labels`.
+      guidance: the guidance weight w >= 0; 0 calls the network once on the batch as it is.
+      null_label: the label of "no class" (the model's num_classes), needed when w > 0.
     """
+    guidance = _check_guidance(guidance)
+    if guidance and (labels is None or null_label is None):
+        raise ValueError(
+            f"guidance={guidance:g} needs class labels and a null label (a class-conditional "
+            "model trained with label dropout)"
+        )
 
     def denoise_fn(x_t, t):
         variables = {"params": params}
         if labels is None:
             return apply_fn(variables, x_t, t, train=False)
-        return apply_fn(variables, x_t, t, labels, train=False)
+        if not guidance:
+            return apply_fn(variables, x_t, t, labels, train=False)
+        nulls = jnp.full_like(labels, null_label)
+        both = apply_fn(
+            variables,
+            jnp.concatenate([x_t, x_t]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([labels, nulls]),
+            train=False,
+        )
+        cond, uncond = jnp.split(both, 2)
+        return diffusion.classifier_free_guidance(cond, uncond, guidance, channels=x_t.shape[-1])
 
     return denoise_fn
 
@@ -707,7 +737,9 @@ def _device_sample(
     rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, device_index))
     if labels is None and num_classes is not None:
         labels = sample_labels(rng_labels, shape[0], num_classes)
-    denoise_fn = make_denoise_fn(apply_fn, params, labels=labels)
+    denoise_fn = make_denoise_fn(
+        apply_fn, params, labels=labels, guidance=spec.guidance, null_label=num_classes
+    )
     images = draw(rng_sample, denoise_fn, schedule, shape, spec=spec, output=output)
     return images, labels
 
@@ -736,7 +768,8 @@ def make_pmapped_sampler(
       per_device_batch: samples per device.
       image_shape: (H, W, C).
       num_classes: for class-conditional models: labels are drawn uniformly per device unless
-        given; None for unconditional models.
+        given; None for unconditional models. With spec.guidance > 0 the label num_classes is
+        the null class (the model must have one: label dropout in training).
 
     Returns:
       sample_fn(rng, params_replicated, labels=None) -> Samples(images float32 [n, H, W, C],
@@ -745,6 +778,8 @@ def make_pmapped_sampler(
     """
     shape = _check_shape((per_device_batch, *image_shape))
     spec.validate(schedule.num_timesteps)  # fail here rather than at the first call
+    if spec.guidance and num_classes is None:
+        raise ValueError(f"guidance={spec.guidance:g} needs a class-conditional model")
     device_fn = functools.partial(
         _device_sample,
         apply_fn=apply_fn,

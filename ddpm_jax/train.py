@@ -85,6 +85,8 @@ def train_step(
     ema_warmup: bool,
     learning_rate_fn: optax.Schedule,
     class_conditional: bool,
+    num_classes: int | None = None,
+    label_dropout: float = 0.0,
     axis_name: str = parallel.AXIS,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
     """One optimisation step on one device's batch; collectives over `axis_name`.
@@ -93,6 +95,8 @@ def train_step(
       state: this device's replica of the train state.
       batch: {"image": [b, H, W, C] float32 in [-1, 1], "label": [b] int32, ...}.
       rng: the run's key, the same on every device; per-step and per-device keys are derived.
+      num_classes, label_dropout: with label_dropout > 0 each label is replaced by the null
+        class num_classes with that probability (classifier-free guidance, Ho & Salimans 2021).
 
     Returns:
       The new state (unchanged but for the step and skip counter if the update was not finite)
@@ -102,9 +106,16 @@ def train_step(
     chex.assert_rank(x_start, 4)
     rng = jax.random.fold_in(rng, state.step)
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    if label_dropout > 0:  # a fourth key only then: runs without label dropout draw as before
+        t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 4)
+    else:
+        t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    labels = batch["label"] if class_conditional else None
+    if labels is not None and label_dropout > 0:
+        drop = jax.random.bernoulli(label_rng, label_dropout, labels.shape)
+        labels = jnp.where(drop, num_classes, labels)
 
     loss_fn = functools.partial(
         diffusion_loss,
@@ -113,7 +124,7 @@ def train_step(
         x_start=x_start,
         t=t,
         noise=noise,
-        labels=batch["label"] if class_conditional else None,
+        labels=labels,
         dropout_rng=dropout_rng,
         model_mean_type=model_mean_type,
         loss_weighting=loss_weighting,
@@ -171,6 +182,8 @@ def make_step_fn(config: ml_collections.ConfigDict, schedule) -> Callable:
         ema_warmup=config.train.ema_warmup,
         learning_rate_fn=experiment.create_learning_rate_fn(config.optim),
         class_conditional=config.data.class_conditional,
+        num_classes=experiment.num_classes(config),
+        label_dropout=config.train.label_dropout if config.data.class_conditional else 0.0,
     )
 
 

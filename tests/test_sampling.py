@@ -854,3 +854,150 @@ def test_few_step_samplers_are_one_scan(sampler):
         )
 
     assert _eqn_counts(program(10)) == _eqn_counts(program(1000))
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier-free guidance (Ho & Salimans 2021).
+# --------------------------------------------------------------------------------------------
+
+
+def class_gaussian_apply(schedule, means, std, null_mean, null_std, calls=None):
+    """A stand-in for a class-conditional network with a null class, exact for Gaussian data:
+    label k < K predicts E[eps | x_t] for x_0 ~ N(means[k], std^2), label K (null) for
+    x_0 ~ N(null_mean, null_std^2). x [B, ..., D]; records each call's batch in `calls`."""
+    means = jnp.asarray(means, jnp.float32)  # [K, D]
+    num_classes = means.shape[0]
+
+    def apply_fn(variables, x, t, y, train):
+        del variables, train
+        if calls is not None:
+            calls.append(x.shape[0])
+        expand = lambda a: a.reshape(a.shape[:1] + (1,) * (x.ndim - 1))
+        ab, sqrt_1m_ab = (expand(a[t]) for a in _coefs(schedule, t))
+        null = y == num_classes
+        mu = jnp.where(
+            null[:, None], jnp.asarray(null_mean), means[jnp.minimum(y, num_classes - 1)]
+        )
+        mu = mu.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (-1,))  # [B, 1, .., D]
+        var0 = jnp.where(null[:, None], null_std**2, jnp.asarray(std, jnp.float32) ** 2)
+        var0 = jnp.broadcast_to(var0, (x.shape[0], x.shape[-1])).reshape(mu.shape)
+        return sqrt_1m_ab * (x - jnp.sqrt(ab) * mu) / (ab * var0 + sqrt_1m_ab**2)
+
+    return apply_fn
+
+
+def test_one_guided_step_follows_the_guided_score():
+    """Two classes N(+-M, S^2) with the mixture as the unconditional model: the guided eps is
+    eps(x, y) - w sigma grad log p(y | x_t), grad log p(y | x_t) = alpha (m_y - m_bar(x)) / v."""
+    schedule = schedules.make_schedule("linear", T)
+    w, t_index, batch = 3.0, 400, 64
+    mixture = mixture_eps(schedule, 0.5, M, S_MIX)
+    conditional = class_gaussian_apply(schedule, [[M], [-M]], S_MIX, 0.0, 1.0)
+    calls = []
+
+    def apply_fn(variables, x, t, y, train):  # labels 0, 1 exact Gaussians; label 2 the mixture
+        calls.append(x.shape[0])
+        return jnp.where((y == 2)[:, None], mixture(x, t), conditional(variables, x, t, y, train))
+
+    labels = jnp.arange(batch, dtype=jnp.int32) % 2
+    denoise_fn = sampling.make_denoise_fn(apply_fn, {}, labels=labels, guidance=w, null_label=2)
+    x_t = jnp.linspace(-1.5, 1.5, batch, dtype=jnp.float32)[:, None]
+    t = jnp.full((batch,), t_index, jnp.int32)
+    t_prev = jnp.full((batch,), t_index - 40, jnp.int32)
+    noise = jnp.zeros_like(x_t)
+    step = lambda eps: diffusion.ddim_step(
+        schedule, eps, x_t, t, t_prev, noise, eta=0.0, model_mean_type=EPS, clip_denoised=False
+    )
+    guided, _ = step(denoise_fn(x_t, t))
+    assert calls == [2 * batch]  # one network call on the doubled batch
+
+    ab = float(np.asarray(schedule.alphas_cumprod, np.float64)[t_index])
+    alpha, sigma, v = np.sqrt(ab), np.sqrt(1.0 - ab), ab * S_MIX**2 + 1.0 - ab
+    x = np.asarray(x_t, np.float64)[:, 0]
+    logits = -0.5 * (x[:, None] - alpha * np.array([M, -M])) ** 2 / v
+    resp = np.exp(logits - logits.max(1, keepdims=True))
+    m_bar = (resp / resp.sum(1, keepdims=True)) @ np.array([M, -M])
+    m_y = np.where(np.asarray(labels) == 0, M, -M)
+    eps_y = sigma * (x - alpha * m_y) / v
+    eps_guided = eps_y - w * sigma * alpha * (m_y - m_bar) / v
+    expected, _ = step(jnp.asarray(eps_guided, jnp.float32)[:, None])
+    np.testing.assert_allclose(guided, expected, atol=2e-5)
+    unguided, _ = step(jnp.asarray(eps_y, jnp.float32)[:, None])
+    assert np.abs(np.asarray(guided - unguided)).max() > 0.05  # guidance moved the samples
+
+
+def guided_ddim_moments(betas, timesteps, eta, w, mu_c, var_c, mu_u, var_u):
+    """x_0 moments of DDIM with the guided eps (1+w) eps_c - w eps_u, linear in x_t."""
+    ab = np.cumprod(1.0 - betas)
+    m, v = np.zeros_like(mu_c), np.ones_like(mu_c)
+    for i in range(len(timesteps) - 1, -1, -1):
+        ab_t = ab[timesteps[i]]
+        ab_prev = ab[timesteps[i - 1]] if i > 0 else 1.0
+        (cc, dc), (cu, du) = _eps_coefs(ab_t, mu_c, var_c), _eps_coefs(ab_t, mu_u, var_u)
+        c, d = (1.0 + w) * cc - w * cu, (1.0 + w) * dc - w * du
+        # x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t); Eq. (12) of Song et al. 2021.
+        cx, dx = (
+            (1.0 - np.sqrt(1.0 - ab_t) * c) / np.sqrt(ab_t),
+            -np.sqrt(1 - ab_t) * d / np.sqrt(ab_t),
+        )
+        sigma2 = eta**2 * (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+        direction = np.sqrt(1.0 - ab_prev - sigma2)
+        gain, shift = np.sqrt(ab_prev) * cx + direction * c, np.sqrt(ab_prev) * dx + direction * d
+        m, v = gain * m + shift, gain**2 * v + sigma2
+    return m, v
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_guided_ddim_on_every_device_matches_the_guided_chain(eta):
+    """Class k: N(MU_k, STD^2), null: N(0, 0.7^2); the guided DDIM chain (w = 2) is
+    linear-Gaussian, its x_0 moments known in closed form, per class, through the pmapped
+    sampler (labels given, one key per device)."""
+    betas = schedules.get_beta_schedule("linear", T)
+    schedule = schedules.DiffusionSchedule.from_betas(betas)
+    means = np.array([MU, -MU])
+    null_mean, null_std, w, steps = np.zeros(2), 0.7, 2.0, 20
+    apply_fn = class_gaussian_apply(schedule, means, STD, null_mean, null_std)
+    spec = sampling.SamplerSpec("ddim", steps, eta=eta, clip_denoised=False, guidance=w)
+    per_device = N // jax.local_device_count()
+    sample_fn = sampling.make_pmapped_sampler(
+        apply_fn,
+        schedule,
+        spec,
+        diffusion.ModelOutput(EPS, SMALL),
+        per_device_batch=per_device,
+        image_shape=(1, 1, 2),
+        num_classes=2,
+    )
+    n = per_device * jax.local_device_count()
+    labels = np.arange(n, dtype=np.int32) % 2
+    params = parallel.replicate({"unused": jnp.zeros(())})
+    x = np.asarray(sample_fn(jax.random.key(0), params, labels).images, np.float64)[:, 0, 0]
+    ts = sampling.ddim_timesteps(T, steps)
+    for k in (0, 1):
+        xk = x[labels == k]
+        m, v = guided_ddim_moments(betas, ts, eta, w, means[k], STD**2, null_mean, null_std**2)
+        z_mean = (xk.mean(0) - m) / np.sqrt(v / len(xk))
+        z_var = (xk.var(0, ddof=1) - v) / (v * np.sqrt(2.0 / (len(xk) - 1)))
+        np.testing.assert_array_less(np.abs(z_mean), Z)
+        np.testing.assert_array_less(np.abs(z_var), Z)
+        # Guidance pushes each class away from the null model's mean 0, past its own mean.
+        assert (np.abs(m) > np.abs(means[k]) + 0.02).all(), m
+
+
+def test_guidance_needs_labels_and_a_null_class():
+    with pytest.raises(ValueError, match="guidance=2 needs class labels"):
+        sampling.make_denoise_fn(lambda *a, **k: None, {}, guidance=2.0)
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        sampling.SamplerSpec("ddim", guidance=-1.0)
+    schedule = schedules.make_schedule("linear", 8)
+    with pytest.raises(ValueError, match="class-conditional"):
+        sampling.make_pmapped_sampler(
+            lambda *a, **k: None,
+            schedule,
+            sampling.SamplerSpec(guidance=1.0),
+            diffusion.ModelOutput(),
+            per_device_batch=1,
+            image_shape=IMAGE_SHAPE,
+        )
+    assert sampling.SamplerSpec("dpm++2m", 20, guidance=3.0).tag == "dpm++2m20-g3"
+    assert sampling.SamplerSpec("respaced", 50).tag == "respaced50"
