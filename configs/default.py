@@ -45,7 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_schedule = "linear"
     diffusion.num_timesteps = 1000
     diffusion.model_mean_type = "epsilon"  # epsilon | x_start | v
-    diffusion.model_var_type = "fixed_large"  # fixed_large (sigma^2 = beta) | fixed_small
+    # fixed_large (sigma^2 = beta) | fixed_small (beta-tilde) | learned_range (Nichol & Dhariwal
+    # 2021: 2C output channels, trained with L_simple + vlb_weight * L_vlb).
+    diffusion.model_var_type = "fixed_large"
+    diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (learned_range only)
     diffusion.loss_weighting = "none"  # none | min_snr
     diffusion.min_snr_gamma = 5.0
 

@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
 from jax.scipy import special
 
@@ -40,15 +41,33 @@ class ModelMeanType(Choice):
 
 
 class ModelVarType(Choice):
-    """The fixed reverse-process variance sigma_t^2 (Sec. 3.2)."""
+    """The reverse-process variance sigma_t^2: fixed (Sec. 3.2) or learned (Nichol & Dhariwal)."""
 
     FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta-tilde_t, the posterior variance
     FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t
+    # Nichol & Dhariwal 2021, Eq. (15): the network's extra C channels v in [-1, 1] give
+    # log sigma^2 = frac log beta + (1 - frac) log beta-tilde, frac = (v + 1) / 2.
+    LEARNED_RANGE = "learned_range"
 
 
 def learns_variance(model_var_type) -> bool:
-    """Whether the network outputs variance channels (2C) beside the mean's (C)."""
-    return False
+    """Whether the network outputs variance channels (2C) beside the mean's (C); None: no."""
+    return model_var_type is not None and ModelVarType(model_var_type) is ModelVarType.LEARNED_RANGE
+
+
+def split_model_output(model_output, x_t, model_var_type):
+    """(mean output [B, ..., C], variance values [B, ..., C] or None) of the network's output,
+    which is [B, ..., 2C] (mean channels first) for a learned variance, else x_t's shape."""
+    if not learns_variance(model_var_type):
+        _check_same_shape(model_output=model_output, x_t=x_t)
+        return model_output, None
+    channels = x_t.shape[-1]
+    chex.assert_shape(
+        model_output,
+        (*x_t.shape[:-1], 2 * channels),
+        custom_message=f"a learned variance needs 2C = {2 * channels} output channels",
+    )
+    return model_output[..., :channels], model_output[..., channels:]
 
 
 class LossWeighting(Choice):
@@ -304,6 +323,18 @@ def _model_variance(schedule: DiffusionSchedule, model_var_type: ModelVarType):
     return variance, log_variance
 
 
+def learned_range_log_variance(schedule: DiffusionSchedule, var_values, t):
+    """log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2
+    (Nichol & Dhariwal 2021, Eq. (15)). The two ends are exactly the fixed_large and fixed_small
+    log variances, index 0 included (both log beta-tilde_1 there, the decoder's variance),
+    so v = +1 / -1 reproduce those types; v is not clipped. var_values [B, ...], t int [B]."""
+    _check_t(t, var_values)
+    min_log = _extract(_model_variance(schedule, ModelVarType.FIXED_SMALL)[1], t, var_values)
+    max_log = _extract(_model_variance(schedule, ModelVarType.FIXED_LARGE)[1], t, var_values)
+    frac = 0.5 * (var_values + 1.0)
+    return frac * max_log + (1.0 - frac) * min_log
+
+
 def p_mean_variance(
     schedule: DiffusionSchedule,
     model_output,
@@ -321,7 +352,8 @@ def p_mean_variance(
 
     Args:
       schedule: the DiffusionSchedule.
-      model_output: [B, ...] the network's eps, x_0 or v.
+      model_output: [B, ...] the network's eps, x_0 or v; [B, ..., 2C] (then the variance
+        values v in the last C channels) for a learned variance.
       x_t: [B, ...].
       t: int [B].
       model_mean_type: a ModelMeanType (or its string value).
@@ -335,11 +367,15 @@ def p_mean_variance(
     model_mean_type = ModelMeanType(model_mean_type)
     model_var_type = ModelVarType(model_var_type)
     _check_t(t, x_t)
-    _check_same_shape(model_output=model_output, x_t=x_t)
-    variance, log_variance = (
-        jnp.broadcast_to(_extract(v, t, x_t), x_t.shape)
-        for v in _model_variance(schedule, model_var_type)
-    )
+    model_output, var_values = split_model_output(model_output, x_t, model_var_type)
+    if var_values is None:
+        variance, log_variance = (
+            jnp.broadcast_to(_extract(v, t, x_t), x_t.shape)
+            for v in _model_variance(schedule, model_var_type)
+        )
+    else:
+        log_variance = learned_range_log_variance(schedule, var_values, t)
+        variance = jnp.exp(log_variance)
     pred_xstart = _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_xstart, x_t, t)
     return PMeanVariance(mean, variance, log_variance, pred_xstart)
@@ -519,6 +555,45 @@ def loss_simple(model_output, target, *, weights=None):
         chex.assert_shape(weights, loss.shape, custom_message="weights must be [B]")
         loss = loss * weights
     return loss
+
+
+def loss_hybrid(
+    schedule: DiffusionSchedule,
+    model_output,
+    x_start,
+    x_t,
+    t,
+    target,
+    *,
+    model_mean_type,
+    vlb_weight: float,
+    weights=None,
+):
+    """L_hybrid = L_simple + lambda L_vlb per example (Nichol & Dhariwal 2021, Eq. (16)).
+
+    model_output is [B, ..., 2C] (mean channels, then the variance values v of LEARNED_RANGE).
+    L_vlb = sum_t L_t is estimated as T L_t at the sampled t (bits/dim, `vb_terms_bpd`,
+    no clipping), with the mean channels under stop_gradient: the bound trains the variance
+    only, L_simple the mean. lambda = vlb_weight (0.001 in the paper, whose code weights the
+    per-t term by T / 1000, the same thing).
+
+    Returns:
+      loss: [B].
+    """
+    mean_output, var_values = split_model_output(model_output, x_t, ModelVarType.LEARNED_RANGE)
+    simple = loss_simple(mean_output, target, weights=weights)
+    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_values], axis=-1)
+    vb, _ = vb_terms_bpd(
+        schedule,
+        frozen,
+        x_start,
+        x_t,
+        t,
+        model_mean_type=model_mean_type,
+        model_var_type=ModelVarType.LEARNED_RANGE,
+        clip_denoised=False,
+    )
+    return simple + vlb_weight * schedule.num_timesteps * vb
 
 
 def snr(schedule: DiffusionSchedule, t):

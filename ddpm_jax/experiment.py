@@ -123,6 +123,7 @@ def _validate_diffusion(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{p}.{field}={cfg[field]!r}: {e}") from e
     _check_choice(cfg, "loss_weighting", diffusion.LossWeighting, prefix=p)
     _check_number(cfg, "min_snr_gamma", low=0.0, low_open=True, prefix=p)
+    _check_number(cfg, "vlb_weight", low=0.0, prefix=p)
 
 
 def _validate_optim(optim: ml_collections.ConfigDict) -> None:
@@ -260,7 +261,9 @@ def unet_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """UNet(**kwargs) of config.model, with out_ch from the data and labels if conditional."""
     return dict(
         config.model.to_dict(),
-        out_ch=config.data.channels,
+        # A learned variance doubles the output: C mean channels, then C variance values.
+        out_ch=config.data.channels
+        * (2 if diffusion.learns_variance(model_output(config).var_type) else 1),
         num_classes=num_classes(config),
         null_class=has_null_class(config),
     )

@@ -180,16 +180,18 @@ def _run_chain(
     return x_0, Trajectory(jnp.asarray(record_ts, jnp.int32), *frames)
 
 
-def _model_output(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, var_type=None) -> jax.Array:
-    """Calls the network and checks its output against x_t; the mean channels alone (the
-    first C of 2C) where var_type is given and learned, for samplers that need no variance."""
+def _model_output(
+    denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, var_type=None, *, mean_only=False
+) -> jax.Array:
+    """Calls the network and checks its output against x_t: [B, ..., C], or [B, ..., 2C] for a
+    learned variance, of which mean_only keeps the first C (for samplers that need no sigma)."""
     out = denoise_fn(x_t, t)
     channels = x_t.shape[-1] * (2 if diffusion.learns_variance(var_type) else 1)
     if out.shape != (*x_t.shape[:-1], channels):
         raise ValueError(
             f"denoise_fn returned shape {out.shape}; expected {(*x_t.shape[:-1], channels)}"
         )
-    return out[..., : x_t.shape[-1]].astype(x_t.dtype)
+    return (out[..., : x_t.shape[-1]] if mean_only else out).astype(x_t.dtype)
 
 
 def _split_rngs(rng: jax.Array, shape: Sequence[int], num_steps: int, dtype):
@@ -265,7 +267,7 @@ def p_sample_loop(
         noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
         return diffusion.p_sample_step(
             schedule,
-            _model_output(denoise_fn, x_t, t),
+            _model_output(denoise_fn, x_t, t, var_type),
             x_t,
             t,
             noise,
@@ -438,6 +440,7 @@ def ddim_sample(
     eta: float = 0.0,
     spacing=Spacing.UNIFORM,
     model_mean_type,
+    model_var_type=diffusion.ModelVarType.FIXED_LARGE,
     clip_denoised: bool = True,
     return_trajectory: bool = False,
 ):
@@ -457,6 +460,7 @@ def ddim_sample(
       eta: in [0, 1] (a static Python number); 0 draws no noise at all.
       spacing: a Spacing (or "uniform" / "quadratic" / "logsnr").
       model_mean_type: diffusion.ModelMeanType (or its value).
+      model_var_type: only says whether the network also outputs variance channels (ignored).
       clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
       return_trajectory: also return a Trajectory of all S steps (x_t entering each step).
 
@@ -470,6 +474,7 @@ def ddim_sample(
     ts_up = sampler_timesteps(schedule, num_steps, spacing)
     eta = _check_eta(eta)
     mean_type = diffusion.ModelMeanType(model_mean_type)
+    var_type = diffusion.ModelVarType(model_var_type)
 
     def step_fn(x_t, t, t_prev, rng):
         if eta == 0.0:  # sigma_t = 0: skip drawing noise that would be multiplied by 0
@@ -478,7 +483,7 @@ def ddim_sample(
             noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
         return diffusion.ddim_step(
             schedule,
-            _model_output(denoise_fn, x_t, t),
+            _model_output(denoise_fn, x_t, t, var_type, mean_only=True),
             x_t,
             t,
             t_prev,
@@ -625,7 +630,7 @@ def dpm_solver_pp_sample(
         t_prev = jnp.full((batch,), xs[1], jnp.int32)
         x_prev, pred_xstart, h = diffusion.dpm_solver_pp_step(
             schedule,
-            _model_output(denoise_fn, x_t, t, var_type),
+            _model_output(denoise_fn, x_t, t, var_type, mean_only=True),
             x_t,
             t,
             t_prev,
@@ -717,7 +722,9 @@ def draw(
         return dpm_solver_pp_sample(
             rng, denoise_fn, schedule, shape, model_var_type=var_type, **few
         )
-    return ddim_sample(rng, denoise_fn, schedule, shape, eta=spec.eta, **few)
+    return ddim_sample(
+        rng, denoise_fn, schedule, shape, eta=spec.eta, model_var_type=var_type, **few
+    )
 
 
 def sample_labels(rng: jax.Array, batch_size: int, num_classes: int) -> jax.Array:

@@ -53,14 +53,30 @@ def diffusion_loss(
     model_mean_type: diffusion.ModelMeanType,
     loss_weighting: diffusion.LossWeighting = diffusion.LossWeighting.NONE,
     min_snr_gamma: float = 5.0,
+    model_var_type: diffusion.ModelVarType = diffusion.ModelVarType.FIXED_LARGE,
+    vlb_weight: float = 0.0,
 ) -> jax.Array:
-    """L_simple (Algorithm 1) for given t and noise: the mean over this device's batch."""
+    """L_simple (Algorithm 1) for given t and noise: the mean over this device's batch; with a
+    learned variance L_hybrid = L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021)."""
     x_t = diffusion.q_sample(schedule, x_start, t, noise)
     target = diffusion.training_target(schedule, x_start, t, noise, model_mean_type=model_mean_type)
     weights = diffusion.loss_weights(
         schedule, t, weighting=loss_weighting, model_mean_type=model_mean_type, gamma=min_snr_gamma
     )
     output = apply_fn({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng})
+    if diffusion.learns_variance(model_var_type):
+        loss = diffusion.loss_hybrid(
+            schedule,
+            output,
+            x_start,
+            x_t,
+            t,
+            target,
+            model_mean_type=model_mean_type,
+            vlb_weight=vlb_weight,
+            weights=weights,
+        )
+        return jnp.mean(loss)
     return jnp.mean(diffusion.loss_simple(output, target, weights=weights))
 
 
@@ -81,6 +97,8 @@ def train_step(
     model_mean_type: diffusion.ModelMeanType,
     loss_weighting: diffusion.LossWeighting,
     min_snr_gamma: float,
+    model_var_type: diffusion.ModelVarType = diffusion.ModelVarType.FIXED_LARGE,
+    vlb_weight: float = 0.0,
     ema_decay: float,
     ema_warmup: bool,
     learning_rate_fn: optax.Schedule,
@@ -129,6 +147,8 @@ def train_step(
         model_mean_type=model_mean_type,
         loss_weighting=loss_weighting,
         min_snr_gamma=min_snr_gamma,
+        model_var_type=model_var_type,
+        vlb_weight=vlb_weight,
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
@@ -178,6 +198,8 @@ def make_step_fn(config: ml_collections.ConfigDict, schedule) -> Callable:
         model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
         loss_weighting=diffusion.LossWeighting(config.diffusion.loss_weighting),
         min_snr_gamma=config.diffusion.min_snr_gamma,
+        model_var_type=diffusion.ModelVarType(config.diffusion.model_var_type),
+        vlb_weight=config.diffusion.vlb_weight,
         ema_decay=config.train.ema_decay,
         ema_warmup=config.train.ema_warmup,
         learning_rate_fn=experiment.create_learning_rate_fn(config.optim),

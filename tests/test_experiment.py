@@ -65,3 +65,12 @@ def test_null_class_only_with_label_dropout():
     assert experiment.unet_kwargs(conditional)["null_class"] is False  # old checkpoints load
     dropout = _config(**{"data.class_conditional": True, "train.label_dropout": 0.1})
     assert experiment.unet_kwargs(dropout)["null_class"] is True
+
+
+def test_learned_variance_doubles_the_output_channels():
+    assert experiment.unet_kwargs(_config())["out_ch"] == 1
+    learned = _config(**{"diffusion.model_var_type": "learned_range"})
+    experiment.validate_config(learned, device_count=1)
+    assert experiment.unet_kwargs(learned)["out_ch"] == 2
+    with pytest.raises(experiment.ConfigError, match="config.diffusion.vlb_weight=-1.0"):
+        experiment.validate_config(_config(**{"diffusion.vlb_weight": -1.0}), device_count=1)

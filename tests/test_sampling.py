@@ -1001,3 +1001,56 @@ def test_guidance_needs_labels_and_a_null_class():
         )
     assert sampling.SamplerSpec("dpm++2m", 20, guidance=3.0).tag == "dpm++2m20-g3"
     assert sampling.SamplerSpec("respaced", 50).tag == "respaced50"
+
+
+# --------------------------------------------------------------------------------------------
+# Learned variances (Nichol & Dhariwal 2021): v = -1 / +1 are the fixed types, in every chain.
+# --------------------------------------------------------------------------------------------
+
+LEARNED = diffusion.ModelVarType.LEARNED_RANGE
+
+
+def with_variance_channels(denoise_fn, v):
+    """denoise_fn with C more output channels holding the variance value v (a [B] or scalar)."""
+
+    def fn(x_t, t):
+        eps = denoise_fn(x_t, t)
+        values = jnp.broadcast_to(jnp.reshape(v, (-1,) + (1,) * (x_t.ndim - 1)), x_t.shape)
+        return jnp.concatenate([eps, values.astype(eps.dtype)], axis=-1)
+
+    return fn
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "respaced"])
+def test_learned_range_ends_are_the_fixed_variances(sampler):
+    """Same keys, same draw: v = -1 is fixed_small, v = +1 fixed_large, for the respaced chain
+    with its own beta' and beta-tilde'; v = 0 lies strictly between."""
+    schedule = schedules.make_schedule("linear", 100)
+    eps_fn = mixture_eps(schedule, 0.5, 0.9, 0.1)
+    spec = sampling.SamplerSpec(sampler, steps=20, clip_denoised=False)
+    run = lambda fn, var_type: jax.jit(
+        lambda r: sampling.draw(
+            r, fn, schedule, (256, 1), spec=spec, output=diffusion.ModelOutput(EPS, var_type)
+        )
+    )(jax.random.key(5))
+    for v, var_type in ((-1.0, SMALL), (1.0, LARGE)):
+        learned = run(with_variance_channels(eps_fn, v), LEARNED)
+        np.testing.assert_allclose(learned, run(eps_fn, var_type), atol=1e-5)
+    middle = np.asarray(run(with_variance_channels(eps_fn, 0.0), LEARNED))
+    small, large = np.asarray(run(eps_fn, SMALL)), np.asarray(run(eps_fn, LARGE))
+    assert not np.allclose(middle, small) and not np.allclose(middle, large)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_deterministic_samplers_ignore_the_variance_channels(sampler):
+    schedule, eps_fn = _small_setup(20)
+    spec = sampling.SamplerSpec(sampler, steps=5, clip_denoised=False)
+    run = lambda fn, var_type: jax.jit(
+        lambda r: sampling.draw(
+            r, fn, schedule, (8, 2), spec=spec, output=diffusion.ModelOutput(EPS, var_type)
+        )
+    )(jax.random.key(2))
+    learned = run(with_variance_channels(eps_fn, 0.5), LEARNED)
+    np.testing.assert_array_equal(learned, run(eps_fn, SMALL))
+    with pytest.raises(ValueError, match=r"expected \(8, 4\)"):
+        run(eps_fn, LEARNED)

@@ -278,3 +278,17 @@ def test_label_dropout_replaces_labels_by_the_null_class_from_a_fourth_key():
         dropped.append(drop)
     np.testing.assert_allclose(float(metrics["loss"][0]), np.mean(losses), rtol=1e-5)
     assert 0.3 < np.mean(dropped) < 0.7
+
+
+def test_learned_variance_trains_with_the_hybrid_loss():
+    """learned_range: the UNet outputs 2C channels and the step minimises L_simple + lambda L_vlb
+    (the loss itself is tested in test_diffusion); loss and gradients are finite."""
+    config = _config()
+    config.diffusion.model_var_type = "learned_range"
+    model = experiment.create_model(config)
+    assert model.out_ch == 2 * config.data.channels
+    n = 2
+    state, step = _state(config, n), _step_fn(config, n)
+    state, metrics = step(state, _batch(config, n, 2), jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+    assert np.all(np.isfinite(np.asarray(metrics["grad_norm"])))
