@@ -380,8 +380,12 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """'section.field: saved -> now' for each field that changes what a resumed run computes."""
-    saved_flat, now_flat = _flatten(to_json(saved)), _flatten(to_json(config))
+    """'section.field: saved -> now' for each field that changes what a resumed run computes.
+
+    A field the saved config predates counts as its default (what `from_checkpoint` reads).
+    """
+    saved_flat = _flatten(to_json(from_checkpoint(to_json(saved))))
+    now_flat = _flatten(to_json(config))
     keys = sorted(set(saved_flat) | set(now_flat))
     return [
         f"{key}: {saved_flat.get(key, '<absent>')!r} -> {now_flat.get(key, '<absent>')!r}"

@@ -1,4 +1,6 @@
-"""Samplers: ancestral DDPM (Algorithm 2, Ho et al. 2020) and DDIM (Song et al. 2021).
+"""Samplers: ancestral DDPM (Algorithm 2, Ho et al. 2020), DDIM (Song et al. 2021), respaced
+ancestral (Nichol & Dhariwal 2021) and DPM-Solver++(2M) (Lu et al. 2022), with classifier-free
+guidance (Ho & Salimans 2021) for any of them. `SamplerSpec` chooses; `draw` dispatches.
 
 Each sampler is one `jax.lax.scan` over reversed timesteps, so the traced program has the same
 size for T = 10 and T = 1000. Randomness is explicit and split once, up front:
@@ -6,9 +8,14 @@ size for T = 10 and T = 1000. Randomness is explicit and split once, up front:
     rng -> (rng_x, rng_steps);  x_T ~ N(0, I) from rng_x;  step_rngs = split(rng_steps, S)
 
 and step_rngs[i] drives the i-th step of the scan (timestep T-1-i for the ancestral sampler), fed
-to the scan as `xs`. The network is injected as `denoise_fn(x_t, t) -> model_output`, t int32 [B];
-`make_denoise_fn` closes flax params (and class labels) into one. `make_pmapped_sampler` and
-`sample_images` run the sampler on every local device, each device on its own key.
+to the scan as `xs` (DPM-Solver++ draws no noise and uses rng_x only). The network is injected
+as `denoise_fn(x_t, t) -> model_output`, t int32 [B]; `make_denoise_fn` closes flax params (and
+class labels, and the guidance weight) into one. `make_pmapped_sampler` runs the sampler on
+every local device, each device on its own key.
+
+The few-step samplers that read the schedule's values (respaced, and the "logsnr" spacing)
+need a concrete schedule: close it over (as `make_pmapped_sampler` does) rather than passing it
+through jit as a traced argument.
 
 Typical use (jit once, call many times; params go in as an argument, not baked-in constants):
 

@@ -74,3 +74,12 @@ def test_learned_variance_doubles_the_output_channels():
     assert experiment.unet_kwargs(learned)["out_ch"] == 2
     with pytest.raises(experiment.ConfigError, match="config.diffusion.vlb_weight=-1.0"):
         experiment.validate_config(_config(**{"diffusion.vlb_weight": -1.0}), device_count=1)
+
+
+def test_a_checkpoint_config_older_than_the_new_fields_resumes_without_changes():
+    saved = experiment.to_json(_config())
+    del saved["train"]["label_dropout"], saved["diffusion"]["vlb_weight"]
+    del saved["sample"]["guidance"]
+    assert experiment.config_changes(saved, _config()) == []
+    changed = experiment.config_changes(saved, _config(**{"diffusion.vlb_weight": 0.01}))
+    assert changed == ["diffusion.vlb_weight: 0.001 -> 0.01"]
