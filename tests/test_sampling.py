@@ -1054,3 +1054,36 @@ def test_deterministic_samplers_ignore_the_variance_channels(sampler):
     np.testing.assert_array_equal(learned, run(eps_fn, SMALL))
     with pytest.raises(ValueError, match=r"expected \(8, 4\)"):
         run(eps_fn, LEARNED)
+
+
+@pytest.mark.parametrize("sampler", ["respaced", "dpm++2m"])
+def test_pmapped_guided_sampler_draws_what_the_sampler_draws(sampler):
+    """The spec reaches every device: device 5's guided draw is the sampler's own."""
+    model, params = _tiny_model(num_classes=4)  # labels 0..2, and 3 the null class
+    schedule = schedules.make_schedule("cosine", 12)
+    spec = sampling.SamplerSpec(sampler, steps=4, spacing="logsnr", guidance=2.0)
+    output = diffusion.ModelOutput(EPS, SMALL)
+    sample_fn = sampling.make_pmapped_sampler(
+        model.apply, schedule, spec, output, per_device_batch=2, image_shape=IMAGE_SHAPE,
+        num_classes=3,
+    )  # fmt: skip
+    rng = jax.random.key(6)
+    samples = sample_fn(rng, parallel.replicate(params))
+    assert int(samples.labels.max()) < 3
+    _, rng_sample = jax.random.split(jax.random.fold_in(rng, 5))
+    denoise_fn = sampling.make_denoise_fn(
+        model.apply, params, labels=samples.labels[10:12], guidance=2.0, null_label=3
+    )
+    expected = jax.jit(
+        lambda: sampling.draw(
+            rng_sample, denoise_fn, schedule, (2, *IMAGE_SHAPE), spec=spec, output=output
+        )
+    )()
+    np.testing.assert_allclose(samples.images[10:12], expected, atol=1e-5)
+    unguided = sampling.make_denoise_fn(model.apply, params, labels=samples.labels[10:12])
+    plain = jax.jit(
+        lambda: sampling.draw(
+            rng_sample, unguided, schedule, (2, *IMAGE_SHAPE), spec=spec, output=output
+        )
+    )()
+    assert not np.allclose(plain, expected, atol=1e-3)
