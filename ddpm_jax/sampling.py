@@ -77,7 +77,9 @@ class SamplerSpec:
     """
 
     sampler: Sampler = Sampler.ANCESTRAL
-    steps: int = 50
+    # An int S, or improved-DDPM's section counts (10, 10, 5) (or "10,10,5"): T split into equal
+    # sections with that many evenly spaced steps each (`section_timesteps`; spacing unused).
+    steps: int | tuple[int, ...] = 50
     eta: float = 0.0
     spacing: Spacing = Spacing.UNIFORM
     clip_denoised: bool = True
@@ -86,6 +88,16 @@ class SamplerSpec:
     def __post_init__(self):
         object.__setattr__(self, "sampler", Sampler(self.sampler))
         object.__setattr__(self, "spacing", Spacing(self.spacing))
+        if isinstance(self.steps, str):
+            try:
+                steps = tuple(int(count) for count in self.steps.split(","))
+            except ValueError as e:
+                raise ValueError(
+                    f"steps={self.steps!r}: expected an int or counts '10,10,5'"
+                ) from e
+            object.__setattr__(self, "steps", steps)
+        elif isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "guidance", _check_guidance(self.guidance))
 
     def validate(self, num_timesteps: int) -> SamplerSpec:
@@ -99,12 +111,13 @@ class SamplerSpec:
     @property
     def tag(self) -> str:
         """A short name for output directories: "ddpm", "ddim50-eta0", "dpm++2m20-g3"."""
+        steps = "-".join(map(str, self.steps)) if isinstance(self.steps, tuple) else self.steps
         if self.sampler is Sampler.ANCESTRAL:
             name = "ddpm"
         elif self.sampler is Sampler.DDIM:
-            name = f"ddim{self.steps}-eta{self.eta:g}"
+            name = f"ddim{steps}-eta{self.eta:g}"
         else:
-            name = f"{self.sampler.value}{self.steps}"
+            name = f"{self.sampler.value}{steps}"
         return f"{name}-g{self.guidance:g}" if self.guidance else name
 
 
@@ -337,8 +350,11 @@ def sample(
 
 
 def check_num_steps(num_timesteps: int, num_steps) -> int:
-    """num_steps as an int, or ValueError unless it is an int in [1, T]."""
+    """The number of steps S, or ValueError unless num_steps is an int in [1, T] or section
+    counts that `section_timesteps` can place."""
     T, S = int(num_timesteps), num_steps
+    if isinstance(S, tuple):
+        return len(section_timesteps(T, S))
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
         raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
     return int(S)
@@ -410,8 +426,37 @@ def logsnr_timesteps(schedule: DiffusionSchedule, num_steps: int) -> np.ndarray:
     return _strictly_increasing(np.sort(raw), T)
 
 
-def sampler_timesteps(schedule: DiffusionSchedule, num_steps: int, spacing) -> np.ndarray:
-    """The S increasing timesteps a few-step sampler visits (the last T-1), for any Spacing."""
+def section_timesteps(num_timesteps: int, counts: Sequence[int]) -> np.ndarray:
+    """Improved-DDPM's section counts (Nichol & Dhariwal 2021, App.): T split into len(counts)
+    sections of near-equal length L (the first T mod n one longer), with counts[i] timesteps
+    round(j (L - 1) / (counts[i] - 1)) (j < counts[i]) in section i, one at its start if 1.
+
+    Raises:
+      ValueError: a count that is not an int in [1, L] (naming it), or no counts.
+    """
+    T, counts = int(num_timesteps), tuple(counts)
+    if not counts or len(counts) > T:
+        raise ValueError(f"section counts must be 1 to {T} ints, got {counts!r}")
+    size, extra = divmod(T, len(counts))
+    start, picked = 0, []
+    for i, count in enumerate(counts):
+        length = size + (i < extra)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+            raise ValueError(f"section count {count!r} is not an int (counts {counts!r})")
+        if not 1 <= count <= length:
+            raise ValueError(f"section {i} has {length} timesteps: cannot take {count}")
+        stride = (length - 1) / (count - 1) if count > 1 else 0.0
+        picked += [start + round(j * stride) for j in range(count)]
+        start += length
+    return np.asarray(picked, np.int64)
+
+
+def sampler_timesteps(schedule: DiffusionSchedule, num_steps, spacing) -> np.ndarray:
+    """The S increasing timesteps a few-step sampler visits (the last T-1), for any Spacing, or
+    for section counts (num_steps a tuple; spacing unused; the last is T-1 unless the last
+    count is 1)."""
+    if isinstance(num_steps, tuple):
+        return section_timesteps(schedule.num_timesteps, num_steps)
     if Spacing(spacing) is Spacing.LOGSNR:
         return logsnr_timesteps(schedule, num_steps)
     return ddim_timesteps(schedule.num_timesteps, num_steps, spacing)

@@ -1087,3 +1087,33 @@ def test_pmapped_guided_sampler_draws_what_the_sampler_draws(sampler):
         )
     )()
     assert not np.allclose(plain, expected, atol=1e-3)
+
+
+def test_section_counts():
+    """Improved-DDPM's "10,10,5" respacing: each third of T gets its own evenly spaced steps."""
+    np.testing.assert_array_equal(sampling.section_timesteps(1000, (10,)), np.arange(0, 1000, 111))
+    ts = sampling.section_timesteps(300, (10, 10, 5))
+    np.testing.assert_array_equal(ts[:10], np.arange(0, 100, 11))
+    np.testing.assert_array_equal(ts[10:20], np.arange(100, 200, 11))
+    np.testing.assert_array_equal(ts[20:], [200, 225, 250, 274, 299])  # stride 24.75, rounded
+    assert sampling.section_timesteps(7, (1, 2)).tolist() == [0, 4, 6]  # sections 4 and 3
+    spec = sampling.SamplerSpec("respaced", steps="10,10,5")
+    assert spec.steps == (10, 10, 5) and spec.tag == "respaced10-10-5"
+    assert spec.validate(300) is spec
+    with pytest.raises(ValueError, match="section 2 has 100 timesteps: cannot take 101"):
+        sampling.SamplerSpec("respaced", steps=(10, 10, 101)).validate(300)
+    with pytest.raises(ValueError, match="expected an int or counts"):
+        sampling.SamplerSpec("respaced", steps="10,x")
+    schedule, denoise_fn = _small_setup(12)
+    x = sampling.respaced_sample(
+        jax.random.key(0), denoise_fn, schedule, (4, 2), num_steps=(2, 3),
+        model_mean_type=EPS, model_var_type=SMALL,
+    )  # fmt: skip
+    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
+    seen = _seen_timesteps(
+        lambda fn, sched: sampling.respaced_sample(
+            jax.random.key(0), fn, sched, (4, 2), num_steps=(2, 3), model_mean_type=EPS,
+            model_var_type=SMALL,
+        )
+    )  # fmt: skip
+    assert seen == [11, 8, 6, 5, 0]  # sections 0-5: 0, 5; 6-11: 6, 8 (2.5 rounds to even), 11
