@@ -45,7 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_schedule = "linear"
     diffusion.num_timesteps = 1000
     diffusion.model_mean_type = "epsilon"  # epsilon | x_start | v
-    diffusion.model_var_type = "fixed_large"  # fixed_large (sigma^2 = beta) | fixed_small
+    # fixed_large (sigma^2 = beta) | fixed_small (beta-tilde) | learned_range (Nichol & Dhariwal
+    # 2021: 2C output channels, trained with L_simple + vlb_weight * L_vlb).
+    diffusion.model_var_type = "fixed_large"
+    diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (learned_range only)
     diffusion.loss_weighting = "none"  # none | min_snr
     diffusion.min_snr_gamma = 5.0
 
@@ -76,15 +79,21 @@ def get_config() -> ml_collections.ConfigDict:
     # hosts; the state one replicated global array). The same step, keys and collectives.
     train.parallelism = "pmap"
     train.max_skipped_steps = 10
+    # Classifier-free guidance (Ho & Salimans 2021): each label is replaced by the null class
+    # (label num_classes; the UNet gets one more embedding row) with this probability. 0: off.
+    train.label_dropout = 0.0
 
     # Samples written during training and by the `sample` command's defaults.
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_grid = 64
-    sample.sampler = "ddpm"  # ddpm | ddim
-    sample.ddim_steps = 50
-    sample.ddim_eta = 0.0
-    sample.ddim_spacing = "uniform"  # uniform | quadratic
+    sample.sampler = "ddpm"  # ddpm | ddim | respaced | dpm++2m
+    sample.ddim_steps = 50  # steps of the few-step samplers (ddim, respaced, dpm++2m)
+    sample.ddim_eta = 0.0  # ddim only
+    sample.ddim_spacing = "uniform"  # uniform | quadratic | logsnr (few-step samplers)
     sample.clip_denoised = True
+    # Classifier-free guidance weight w (every sampler): (1 + w) eps(x, y) - w eps(x, null).
+    # 0: off; > 0 needs data.class_conditional and train.label_dropout > 0.
+    sample.guidance = 0.0
 
     # FID during training (0: off). Needs converted Inception weights (`ddpm-jax fid-weights`)
     # and reference statistics (`ddpm-jax fid-stats`); strings default to "" (not None, which

@@ -1,7 +1,7 @@
 """The `ddpm-jax` command: subcommands, each with its own flags.
 
     ddpm-jax train  --config configs/digits.py --workdir runs/digits [--config.train.num_steps=2000]
-    ddpm-jax sample --workdir runs/digits --num_samples 1000 [--sampler ddim --steps 50]
+    ddpm-jax sample --workdir runs/digits --num_samples 1000 [--sampler dpm++2m --steps 20]
     ddpm-jax eval   --workdir runs/digits --split test [--num_examples N] [--checkpoint STEP]
     ddpm-jax eval   --workdir runs/digits --samples runs/digits/generated/ddpm-seed0  (digits)
     ddpm-jax eval   --workdir RUN --samples DIR --fid --ref STATS.npz --fid_weights W.npz
@@ -45,11 +45,23 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("checkpoint", None, "Checkpoint step to use (default: the newest).")
 flags.DEFINE_integer("num_samples", 64, "How many images to generate.")
 flags.DEFINE_integer("batch_size", 256, "Images per shard / eval batch, over all devices.")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Default: the checkpoint config's.")
-flags.DEFINE_integer("steps", None, "DDIM steps (default: the checkpoint config's).")
+# The values of sampling.Sampler and sampling.Spacing (tests/test_cli.py checks they agree).
+SAMPLERS = ("ddpm", "ddim", "respaced", "dpm++2m")
+SPACINGS = ("uniform", "quadratic", "logsnr")
+flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Default: the checkpoint config's.")
+flags.DEFINE_integer(
+    "steps", None, "Steps of ddim / respaced / dpm++2m (default: the checkpoint config's)."
+)
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: the checkpoint config's).")
 flags.DEFINE_enum(
-    "spacing", None, ["uniform", "quadratic"], "DDIM timestep spacing (default: the config's)."
+    "spacing", None, list(SPACINGS), "Few-step timestep spacing (default: the config's)."
+)
+flags.DEFINE_float(
+    "guidance",
+    None,
+    "Classifier-free guidance weight w >= 0 (needs a model trained with label dropout; "
+    "default: the checkpoint config's).",
+    lower_bound=0.0,
 )
 flags.DEFINE_integer("seed", 0, "Sampling / evaluation seed.")
 flags.DEFINE_string(
@@ -116,10 +128,9 @@ def _sample() -> None:
     from ddpm_jax.commands import sample
 
     overrides = {
-        field: FLAGS[flag].value
-        for flag, field in (("sampler", "sampler"), ("steps", "steps"), ("eta", "eta"))
-        + (("spacing", "spacing"),)
-        if FLAGS[flag].present
+        field: FLAGS[field].value
+        for field in ("sampler", "steps", "eta", "spacing", "guidance")
+        if FLAGS[field].present
     }
     sample.generate(
         FLAGS.workdir,
@@ -263,6 +274,7 @@ COMMANDS: dict[str, Command] = {
             "steps",
             "eta",
             "spacing",
+            "guidance",
             "seed",
             "out",
         ),
@@ -326,6 +338,7 @@ _INSTEAD = {
     ("train", "batch_size"): "the training batch is --config.train.batch_size",
     ("train", "seed"): "the training seed is --config.seed",
     ("train", "sampler"): "the training-time grids use --config.sample.sampler",
+    ("train", "guidance"): "the training-time grids use --config.sample.guidance",
     ("train", "steps"): "training runs --config.train.num_steps",
     ("train", "num_samples"): "the training-time grids hold --config.sample.num_grid",
 }

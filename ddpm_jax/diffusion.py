@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
 from jax.scipy import special
 
@@ -40,10 +41,33 @@ class ModelMeanType(Choice):
 
 
 class ModelVarType(Choice):
-    """The fixed reverse-process variance sigma_t^2 (Sec. 3.2)."""
+    """The reverse-process variance sigma_t^2: fixed (Sec. 3.2) or learned (Nichol & Dhariwal)."""
 
     FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta-tilde_t, the posterior variance
     FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t
+    # Nichol & Dhariwal 2021, Eq. (15): the network's extra C channels v in [-1, 1] give
+    # log sigma^2 = frac log beta + (1 - frac) log beta-tilde, frac = (v + 1) / 2.
+    LEARNED_RANGE = "learned_range"
+
+
+def learns_variance(model_var_type) -> bool:
+    """Whether the network outputs variance channels (2C) beside the mean's (C); None: no."""
+    return model_var_type is not None and ModelVarType(model_var_type) is ModelVarType.LEARNED_RANGE
+
+
+def split_model_output(model_output, x_t, model_var_type):
+    """(mean output [B, ..., C], variance values [B, ..., C] or None) of the network's output,
+    which is [B, ..., 2C] (mean channels first) for a learned variance, else x_t's shape."""
+    if not learns_variance(model_var_type):
+        _check_same_shape(model_output=model_output, x_t=x_t)
+        return model_output, None
+    channels = x_t.shape[-1]
+    chex.assert_shape(
+        model_output,
+        (*x_t.shape[:-1], 2 * channels),
+        custom_message=f"a learned variance needs 2C = {2 * channels} output channels",
+    )
+    return model_output[..., :channels], model_output[..., channels:]
 
 
 class LossWeighting(Choice):
@@ -268,6 +292,18 @@ def _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
     return jnp.clip(pred_xstart, -1.0, 1.0) if clip_denoised else pred_xstart
 
 
+def classifier_free_guidance(cond_output, uncond_output, guidance: float, *, channels: int):
+    """(1 + w) eps(x, y) - w eps(x, null) (Ho & Salimans 2021, Eq. 6) on the first `channels`
+    channels; any further (variance) channels are the conditional ones. Shapes [B, ..., C'].
+
+    The combination has weights summing to 1, so it is the same affine combination whether the
+    network predicts eps, x_0 or v: guiding the raw output guides eps.
+    """
+    _check_same_shape(cond_output=cond_output, uncond_output=uncond_output)
+    mean = (1.0 + guidance) * cond_output[..., :channels] - guidance * uncond_output[..., :channels]
+    return jnp.concatenate([mean, cond_output[..., channels:]], axis=-1)
+
+
 # ------------------------------------------------------------------------ reverse process p
 
 
@@ -287,6 +323,18 @@ def _model_variance(schedule: DiffusionSchedule, model_var_type: ModelVarType):
     return variance, log_variance
 
 
+def learned_range_log_variance(schedule: DiffusionSchedule, var_values, t):
+    """log sigma_t^2 = frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1) / 2
+    (Nichol & Dhariwal 2021, Eq. (15)). The two ends are exactly the fixed_large and fixed_small
+    log variances, index 0 included (both log beta-tilde_1 there, the decoder's variance),
+    so v = +1 / -1 reproduce those types; v is not clipped. var_values [B, ...], t int [B]."""
+    _check_t(t, var_values)
+    min_log = _extract(_model_variance(schedule, ModelVarType.FIXED_SMALL)[1], t, var_values)
+    max_log = _extract(_model_variance(schedule, ModelVarType.FIXED_LARGE)[1], t, var_values)
+    frac = 0.5 * (var_values + 1.0)
+    return frac * max_log + (1.0 - frac) * min_log
+
+
 def p_mean_variance(
     schedule: DiffusionSchedule,
     model_output,
@@ -304,7 +352,8 @@ def p_mean_variance(
 
     Args:
       schedule: the DiffusionSchedule.
-      model_output: [B, ...] the network's eps, x_0 or v.
+      model_output: [B, ...] the network's eps, x_0 or v; [B, ..., 2C] (then the variance
+        values v in the last C channels) for a learned variance.
       x_t: [B, ...].
       t: int [B].
       model_mean_type: a ModelMeanType (or its string value).
@@ -318,11 +367,15 @@ def p_mean_variance(
     model_mean_type = ModelMeanType(model_mean_type)
     model_var_type = ModelVarType(model_var_type)
     _check_t(t, x_t)
-    _check_same_shape(model_output=model_output, x_t=x_t)
-    variance, log_variance = (
-        jnp.broadcast_to(_extract(v, t, x_t), x_t.shape)
-        for v in _model_variance(schedule, model_var_type)
-    )
+    model_output, var_values = split_model_output(model_output, x_t, model_var_type)
+    if var_values is None:
+        variance, log_variance = (
+            jnp.broadcast_to(_extract(v, t, x_t), x_t.shape)
+            for v in _model_variance(schedule, model_var_type)
+        )
+    else:
+        log_variance = learned_range_log_variance(schedule, var_values, t)
+        variance = jnp.exp(log_variance)
     pred_xstart = _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_xstart, x_t, t)
     return PMeanVariance(mean, variance, log_variance, pred_xstart)
@@ -418,6 +471,70 @@ def ddim_step(
     return x_prev, pred_xstart
 
 
+def dpm_solver_pp_step(
+    schedule: DiffusionSchedule,
+    model_output,
+    x_t,
+    t,
+    t_prev,
+    prev_pred_xstart,
+    prev_h,
+    *,
+    model_mean_type,
+    clip_denoised: bool,
+):
+    """One step of DPM-Solver++(2M) from t to t_prev < t (Lu et al. 2022, Algorithm 2).
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_prev -
+    lambda_t and x0_hat the data prediction at (x_t, t):
+
+        x_prev = (sigma_prev / sigma_t) x_t + alpha_prev (1 - e^{-h}) D,
+        D = x0_hat + (h / (2 h_last)) (x0_hat - x0_hat_last)     (second order, r = h_last / h)
+
+    and D = x0_hat (first order, i.e. DDIM with eta = 0) where there is no previous step
+    (prev_h <= 0) or at the end of the chain (t_prev = -1: sigma_prev = 0, h = inf), where the
+    step returns x0_hat: the paper's lower order at the final step.
+
+    Args:
+      schedule: the DiffusionSchedule.
+      model_output: [B, ...] the network's output at (x_t, t).
+      x_t: [B, ...].
+      t: int [B].
+      t_prev: int [B]; -1 means the end of the chain (alpha_bar = 1).
+      prev_pred_xstart: [B, ...] x0_hat of the previous step (anything where prev_h <= 0).
+      prev_h: float [B] the previous step's h; <= 0 for none.
+      model_mean_type: a ModelMeanType (or its string value).
+      clip_denoised: clip the predicted x_0 to [-1, 1] (thresholding of the data prediction).
+
+    Returns:
+      (x_prev [B, ...], pred_xstart [B, ...], h float [B]; 0 at the end of the chain).
+    """
+    model_mean_type = ModelMeanType(model_mean_type)
+    _check_t(t, x_t)
+    _check_t(t_prev, x_t, name="t_prev")
+    _check_same_shape(model_output=model_output, x_t=x_t, prev_pred_xstart=prev_pred_xstart)
+    pred_xstart = _pred_xstart(schedule, model_output, x_t, t, model_mean_type, clip_denoised)
+    inside = t_prev >= 0
+    index_prev = jnp.maximum(t_prev, 0)
+    lam = jnp.log(schedule.sqrt_alphas_cumprod) - jnp.log(schedule.sqrt_one_minus_alphas_cumprod)
+    h = jnp.where(inside, lam[index_prev] - lam[t], 0.0)  # [B]
+    second = inside & (prev_h > 0)
+    half_ratio = jnp.where(second, h / (2.0 * jnp.where(second, prev_h, 1.0)), 0.0)  # 1 / (2r)
+    d = pred_xstart + _per_example(half_ratio, x_t) * (pred_xstart - prev_pred_xstart)
+    sigma_ratio = jnp.where(
+        inside,
+        schedule.sqrt_one_minus_alphas_cumprod[index_prev]
+        / schedule.sqrt_one_minus_alphas_cumprod[t],
+        0.0,
+    )
+    alpha_prev = jnp.where(inside, schedule.sqrt_alphas_cumprod[index_prev], 1.0)
+    one_minus_exp = jnp.where(inside, -jnp.expm1(-h), 1.0)  # 1 - e^{-h}
+    x_prev = (
+        _per_example(sigma_ratio, x_t) * x_t + _per_example(alpha_prev * one_minus_exp, x_t) * d
+    )
+    return x_prev, pred_xstart, h
+
+
 # ------------------------------------------------------------------------------------ losses
 
 
@@ -438,6 +555,45 @@ def loss_simple(model_output, target, *, weights=None):
         chex.assert_shape(weights, loss.shape, custom_message="weights must be [B]")
         loss = loss * weights
     return loss
+
+
+def loss_hybrid(
+    schedule: DiffusionSchedule,
+    model_output,
+    x_start,
+    x_t,
+    t,
+    target,
+    *,
+    model_mean_type,
+    vlb_weight: float,
+    weights=None,
+):
+    """L_hybrid = L_simple + lambda L_vlb per example (Nichol & Dhariwal 2021, Eq. (16)).
+
+    model_output is [B, ..., 2C] (mean channels, then the variance values v of LEARNED_RANGE).
+    L_vlb = sum_t L_t is estimated as T L_t at the sampled t (bits/dim, `vb_terms_bpd`,
+    no clipping), with the mean channels under stop_gradient: the bound trains the variance
+    only, L_simple the mean. lambda = vlb_weight (0.001 in the paper, whose code weights the
+    per-t term by T / 1000, the same thing).
+
+    Returns:
+      loss: [B].
+    """
+    mean_output, var_values = split_model_output(model_output, x_t, ModelVarType.LEARNED_RANGE)
+    simple = loss_simple(mean_output, target, weights=weights)
+    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_values], axis=-1)
+    vb, _ = vb_terms_bpd(
+        schedule,
+        frozen,
+        x_start,
+        x_t,
+        t,
+        model_mean_type=model_mean_type,
+        model_var_type=ModelVarType.LEARNED_RANGE,
+        clip_denoised=False,
+    )
+    return simple + vlb_weight * schedule.num_timesteps * vb
 
 
 def snr(schedule: DiffusionSchedule, t):

@@ -62,6 +62,7 @@ def _validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     _validate_train(config.train, device_count=device_count)
     _validate_sample(config.sample, num_timesteps=config.diffusion.num_timesteps)
     _validate_eval(config.eval, device_count=device_count)
+    _check_guidance(config)
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:
@@ -124,6 +125,7 @@ def _validate_diffusion(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{p}.{field}={cfg[field]!r}: {e}") from e
     _check_choice(cfg, "loss_weighting", diffusion.LossWeighting, prefix=p)
     _check_number(cfg, "min_snr_gamma", low=0.0, low_open=True, prefix=p)
+    _check_number(cfg, "vlb_weight", low=0.0, prefix=p)
 
 
 def _validate_optim(optim: ml_collections.ConfigDict) -> None:
@@ -158,6 +160,7 @@ def _validate_train(train: ml_collections.ConfigDict, *, device_count: int) -> N
     _check_bool(train, "ema_warmup", prefix=p)
     _check_choice(train, "nonfinite", NonFinite, prefix=p)
     _check_choice(train, "parallelism", parallel.Parallelism, prefix=p)
+    _check_number(train, "label_dropout", low=0.0, high=1.0, high_open=True, prefix=p)
 
 
 def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -> None:
@@ -168,9 +171,25 @@ def _validate_sample(sample: ml_collections.ConfigDict, *, num_timesteps: int) -
     _check_choice(sample, "ddim_spacing", sampling.Spacing, prefix=p)
     _check_number(sample, "ddim_eta", low=0.0, high=1.0, prefix=p)
     _check_bool(sample, "clip_denoised", prefix=p)
-    if sample.sampler == "ddim" and sample.ddim_steps > num_timesteps:
+    if sample.sampler != "ddpm" and sample.ddim_steps > num_timesteps:
         raise ValueError(
             f"{p}.ddim_steps={sample.ddim_steps}: more than the {num_timesteps} diffusion steps"
+        )
+    _check_number(sample, "guidance", low=0.0, prefix=p)
+
+
+def _check_guidance(config: ml_collections.ConfigDict) -> None:
+    """config.sample.guidance > 0 needs a null class: class-conditional, with label dropout."""
+    if config.train.label_dropout > 0 and not config.data.class_conditional:
+        raise ValueError(
+            f"config.train.label_dropout={config.train.label_dropout!r}: needs labels "
+            "(config.data.class_conditional=True)"
+        )
+    if config.sample.guidance > 0 and not has_null_class(config):
+        raise ValueError(
+            f"config.sample.guidance={config.sample.guidance!r}: needs a null class "
+            f"(config.data.class_conditional={config.data.class_conditional!r}, "
+            f"config.train.label_dropout={config.train.label_dropout!r}; both must be on)"
         )
 
 
@@ -247,6 +266,11 @@ def num_classes(config: ml_collections.ConfigDict) -> int | None:
     return config.data.num_classes if config.data.class_conditional else None
 
 
+def has_null_class(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model has the null class of classifier-free guidance (label num_classes)."""
+    return bool(config.data.class_conditional and config.train.label_dropout > 0)
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """(H, W, C) of the data and the samples."""
     return (config.data.image_size, config.data.image_size, config.data.channels)
@@ -255,7 +279,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def unet_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """UNet(**kwargs) of config.model, with out_ch from the data and labels if conditional."""
     return dict(
-        config.model.to_dict(), out_ch=config.data.channels, num_classes=num_classes(config)
+        config.model.to_dict(),
+        # A learned variance doubles the output: C mean channels, then C variance values.
+        out_ch=config.data.channels
+        * (2 if diffusion.learns_variance(model_output(config).var_type) else 1),
+        num_classes=num_classes(config),
+        null_class=has_null_class(config),
     )
 
 
@@ -283,8 +312,15 @@ def sampler_spec(config: ml_collections.ConfigDict, **overrides) -> sampling.Sam
         eta=sample.ddim_eta,
         spacing=sample.ddim_spacing,
         clip_denoised=sample.clip_denoised,
+        guidance=sample.guidance,
     )
-    return dataclasses.replace(spec, **overrides) if overrides else spec
+    spec = dataclasses.replace(spec, **overrides) if overrides else spec
+    if spec.guidance and not has_null_class(config):
+        raise ValueError(
+            f"guidance={spec.guidance:g}: the model has no null class (it needs "
+            "config.data.class_conditional and config.train.label_dropout > 0 in training)"
+        )
+    return spec
 
 
 def parallelism(config: ml_collections.ConfigDict) -> parallel.Parallelism:
@@ -369,8 +405,12 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """'section.field: saved -> now' for each field that changes what a resumed run computes."""
-    saved_flat, now_flat = _flatten(to_json(saved)), _flatten(to_json(config))
+    """'section.field: saved -> now' for each field that changes what a resumed run computes.
+
+    A field the saved config predates counts as its default (what `from_checkpoint` reads).
+    """
+    saved_flat = _flatten(to_json(from_checkpoint(to_json(saved))))
+    now_flat = _flatten(to_json(config))
     keys = sorted(set(saved_flat) | set(now_flat))
     return [
         f"{key}: {saved_flat.get(key, '<absent>')!r} -> {now_flat.get(key, '<absent>')!r}"

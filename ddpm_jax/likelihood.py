@@ -85,7 +85,8 @@ def calc_bpd_loop(
 
     Args:
       rng: a key, or keys [B] (one per example); see `timestep_noise`.
-      denoise_fn: (x_t [B, ...], t int32 [B]) -> model output [B, ...] (eps, x_0 or v).
+      denoise_fn: (x_t [B, ...], t int32 [B]) -> model output [B, ...] (eps, x_0 or v), with C
+        more channels (the variance values) for model_var_type "learned_range".
       schedule: the forward process (T = schedule.num_timesteps terms).
       x_start: [B, ...] data in [-1, 1] on the 8-bit grid (for L_0 to be a likelihood).
       model_mean_type / model_var_type: diffusion.ModelMeanType / ModelVarType (or values).
@@ -96,6 +97,7 @@ def calc_bpd_loop(
     """
     mean_type = diffusion.ModelMeanType(model_mean_type)
     var_type = diffusion.ModelVarType(model_var_type)
+    learned = diffusion.learns_variance(var_type)  # the output has 2C channels: mean, then v
     if x_start.ndim < 2:
         raise ValueError(f"x_start must be [B, ...] with B examples, got shape {x_start.shape}")
     batch = x_start.shape[0]
@@ -105,8 +107,9 @@ def calc_bpd_loop(
         noise = timestep_noise(rng, t, x_start.shape, x_start.dtype)
         x_t = diffusion.q_sample(schedule, x_start, t_vec, noise)
         model_output = denoise_fn(x_t, t_vec)
-        if model_output.shape != x_t.shape:
-            raise ValueError(f"denoise_fn returned {model_output.shape}; expected {x_t.shape}")
+        expected = (*x_t.shape[:-1], x_t.shape[-1] * (2 if learned else 1))
+        if model_output.shape != expected:
+            raise ValueError(f"denoise_fn returned {model_output.shape}; expected {expected}")
         bpd, pred_xstart = diffusion.vb_terms_bpd(
             schedule,
             model_output.astype(x_t.dtype),

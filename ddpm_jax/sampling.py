@@ -1,4 +1,6 @@
-"""Samplers: ancestral DDPM (Algorithm 2, Ho et al. 2020) and DDIM (Song et al. 2021).
+"""Samplers: ancestral DDPM (Algorithm 2, Ho et al. 2020), DDIM (Song et al. 2021), respaced
+ancestral (Nichol & Dhariwal 2021) and DPM-Solver++(2M) (Lu et al. 2022), with classifier-free
+guidance (Ho & Salimans 2021) for any of them. `SamplerSpec` chooses; `draw` dispatches.
 
 Each sampler is one `jax.lax.scan` over reversed timesteps, so the traced program has the same
 size for T = 10 and T = 1000. Randomness is explicit and split once, up front:
@@ -6,9 +8,14 @@ size for T = 10 and T = 1000. Randomness is explicit and split once, up front:
     rng -> (rng_x, rng_steps);  x_T ~ N(0, I) from rng_x;  step_rngs = split(rng_steps, S)
 
 and step_rngs[i] drives the i-th step of the scan (timestep T-1-i for the ancestral sampler), fed
-to the scan as `xs`. The network is injected as `denoise_fn(x_t, t) -> model_output`, t int32 [B];
-`make_denoise_fn` closes flax params (and class labels) into one. `make_pmapped_sampler` and
-`sample_images` run the sampler on every local device, each device on its own key.
+to the scan as `xs` (DPM-Solver++ draws no noise and uses rng_x only). The network is injected
+as `denoise_fn(x_t, t) -> model_output`, t int32 [B]; `make_denoise_fn` closes flax params (and
+class labels, and the guidance weight) into one. `make_pmapped_sampler` runs the sampler on
+every local device, each device on its own key.
+
+The few-step samplers that read the schedule's values (respaced, and the "logsnr" spacing)
+need a concrete schedule: close it over (as `make_pmapped_sampler` does) rather than passing it
+through jit as a traced argument.
 
 Typical use (jit once, call many times; params go in as an argument, not baked-in constants):
 
@@ -47,6 +54,8 @@ class Sampler(diffusion.Choice):
 
     ANCESTRAL = "ddpm"  # Algorithm 2 of Ho et al. 2020: all T steps
     DDIM = "ddim"  # Song et al. 2021: `steps` strided steps, noise scaled by eta
+    RESPACED = "respaced"  # Nichol & Dhariwal 2021, Sec. 4: Algorithm 2 on `steps` timesteps
+    DPM_SOLVER_PP = "dpm++2m"  # Lu et al. 2022, Alg. 2: multistep, second order, deterministic
 
 
 class Spacing(diffusion.Choice):
@@ -54,39 +63,62 @@ class Spacing(diffusion.Choice):
 
     UNIFORM = "uniform"
     QUADRATIC = "quadratic"  # dense near t = 0 (Song et al. 2021, CIFAR-10)
+    LOGSNR = "logsnr"  # uniform in lambda = log(alpha / sigma) (Lu et al. 2022); nearest index
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """Everything that chooses a sampler: built once, handed to `make_pmapped_sampler` / `draw`.
 
-    steps, eta and spacing are read by the few-step samplers (DDIM) and ignored by the ancestral
-    one, which always runs all T steps. Strings are converted to the enums.
+    steps and spacing are read by the few-step samplers (DDIM, respaced, DPM-Solver++), eta by
+    DDIM alone; the ancestral sampler always runs all T steps. guidance is the classifier-free
+    guidance weight w of every sampler (0: off; needs a class-conditional model with a null
+    class). Strings are converted to the enums.
     """
 
     sampler: Sampler = Sampler.ANCESTRAL
-    steps: int = 50
+    # An int S, or improved-DDPM's section counts (10, 10, 5) (or "10,10,5"): T split into equal
+    # sections with that many evenly spaced steps each (`section_timesteps`; spacing unused).
+    steps: int | tuple[int, ...] = 50
     eta: float = 0.0
     spacing: Spacing = Spacing.UNIFORM
     clip_denoised: bool = True
+    guidance: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", Sampler(self.sampler))
         object.__setattr__(self, "spacing", Spacing(self.spacing))
+        if isinstance(self.steps, str):
+            try:
+                steps = tuple(int(count) for count in self.steps.split(","))
+            except ValueError as e:
+                raise ValueError(
+                    f"steps={self.steps!r}: expected an int or counts '10,10,5'"
+                ) from e
+            object.__setattr__(self, "steps", steps)
+        elif isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "guidance", _check_guidance(self.guidance))
 
     def validate(self, num_timesteps: int) -> SamplerSpec:
         """Raises ValueError naming a field the schedule cannot run; returns self."""
+        if self.sampler is not Sampler.ANCESTRAL:
+            check_num_steps(num_timesteps, self.steps)
         if self.sampler is Sampler.DDIM:
-            ddim_timesteps(num_timesteps, self.steps, self.spacing)
             _check_eta(self.eta)
         return self
 
     @property
     def tag(self) -> str:
-        """A short name for output directories: "ddpm", "ddim50-eta0"."""
+        """A short name for output directories: "ddpm", "ddim50-eta0", "dpm++2m20-g3"."""
+        steps = "-".join(map(str, self.steps)) if isinstance(self.steps, tuple) else self.steps
         if self.sampler is Sampler.ANCESTRAL:
-            return "ddpm"
-        return f"ddim{self.steps}-eta{self.eta:g}"
+            name = "ddpm"
+        elif self.sampler is Sampler.DDIM:
+            name = f"ddim{steps}-eta{self.eta:g}"
+        else:
+            name = f"{self.sampler.value}{steps}"
+        return f"{name}-g{self.guidance:g}" if self.guidance else name
 
 
 class Trajectory(NamedTuple):
@@ -168,12 +200,18 @@ def _run_chain(
     return x_0, Trajectory(jnp.asarray(record_ts, jnp.int32), *frames)
 
 
-def _model_output(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    """Calls the network and checks that it returned one value per element of x_t."""
+def _model_output(
+    denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, var_type=None, *, mean_only=False
+) -> jax.Array:
+    """Calls the network and checks its output against x_t: [B, ..., C], or [B, ..., 2C] for a
+    learned variance, of which mean_only keeps the first C (for samplers that need no sigma)."""
     out = denoise_fn(x_t, t)
-    if out.shape != x_t.shape:
-        raise ValueError(f"denoise_fn returned shape {out.shape}; expected x_t's {x_t.shape}")
-    return out.astype(x_t.dtype)
+    channels = x_t.shape[-1] * (2 if diffusion.learns_variance(var_type) else 1)
+    if out.shape != (*x_t.shape[:-1], channels):
+        raise ValueError(
+            f"denoise_fn returned shape {out.shape}; expected {(*x_t.shape[:-1], channels)}"
+        )
+    return (out[..., : x_t.shape[-1]] if mean_only else out).astype(x_t.dtype)
 
 
 def _split_rngs(rng: jax.Array, shape: Sequence[int], num_steps: int, dtype):
@@ -249,7 +287,7 @@ def p_sample_loop(
         noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
         return diffusion.p_sample_step(
             schedule,
-            _model_output(denoise_fn, x_t, t),
+            _model_output(denoise_fn, x_t, t, var_type),
             x_t,
             t,
             noise,
@@ -311,30 +349,127 @@ def sample(
 # --------------------------------------------------------------------------------------------
 
 
+def check_num_steps(num_timesteps: int, num_steps) -> int:
+    """The number of steps S, or ValueError unless num_steps is an int in [1, T] or section
+    counts that `section_timesteps` can place."""
+    T, S = int(num_timesteps), num_steps
+    if isinstance(S, tuple):
+        return len(section_timesteps(T, S))
+    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
+        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    return int(S)
+
+
+def _strictly_increasing(raw: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """The nearest strictly increasing sequence in [0, T-1] to raw (sorted): pushed up, then down.
+
+    With u_i = t_i - i: u = max-accumulate(raw - i) is non-decreasing, and so is min(u, T - S).
+    """
+    offsets = np.arange(len(raw))
+    up = np.maximum.accumulate(np.maximum(raw, 0) - offsets)
+    return np.minimum(up, num_timesteps - len(raw)) + offsets
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing=Spacing.UNIFORM) -> np.ndarray:
     """The S = num_steps timesteps DDIM visits: distinct, increasing, the last one T-1.
 
     "uniform": t_i = floor((i+1) T / S) - 1 (every timestep when S = T); "quadratic": t_i =
     floor((i+1)^2 T / S^2) - 1, dense near t = 0 (Song et al. 2021 use it for CIFAR-10), pushed
     up where needed to keep the S timesteps distinct. Both start the chain at t = T-1, where
-    x_T ~ N(0, I) is the forward process's end. Sampling runs them in reverse.
+    x_T ~ N(0, I) is the forward process's end. Sampling runs them in reverse. "logsnr" needs
+    the schedule: see `sampler_timesteps`.
 
     Raises:
       ValueError: num_steps outside [1, T] or unknown spacing (naming the value).
     """
-    T, S = int(num_timesteps), num_steps
-    if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
-        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    T = int(num_timesteps)
+    S = check_num_steps(T, num_steps)
+    spacing = Spacing(spacing)
     i = np.arange(1, S + 1, dtype=np.int64)
-    if Spacing(spacing) is Spacing.UNIFORM:
+    if spacing is Spacing.UNIFORM:
         raw = i * T // S - 1
-    else:
+    elif spacing is Spacing.QUADRATIC:
         raw = i * i * T // (S * S) - 1
-    # t_i = max_{j <= i} (raw_j + i - j): the smallest strictly increasing sequence >= raw.
+    else:
+        raise ValueError("spacing 'logsnr' depends on the schedule: use sampler_timesteps")
     # raw_j <= (j+1) T/S - 1 <= T - S + j for both spacings, so t_{S-1} stays T - 1.
-    raw = np.maximum(raw, 0)
-    offsets = np.arange(S)
-    return np.maximum.accumulate(raw - offsets) + offsets
+    return _strictly_increasing(raw, T)
+
+
+def _alpha_bars(schedule: DiffusionSchedule) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha_bar, 1 - alpha_bar) float64 [T] read from a concrete (not traced) schedule."""
+    try:
+        alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+        # 1 - alpha_bar from its float64-precomputed root: no float32 cancellation near t = 0.
+        one_minus = np.square(np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64))
+    except jax.errors.TracerArrayConversionError as e:
+        raise ValueError(
+            "this sampler reads the schedule's values when it is built: close the schedule "
+            "over (a constant), do not pass it through jit as a traced argument"
+        ) from e
+    return alpha_bar, one_minus
+
+
+def logsnr_timesteps(schedule: DiffusionSchedule, num_steps: int) -> np.ndarray:
+    """S increasing timesteps, from 0 to T-1, whose lambda = log(alpha / sigma) are nearest to
+    S values uniform in lambda between lambda(T-1) and lambda(0) (Lu et al. 2022, Sec. 3.4).
+
+    The discrete schedule is kept (the network only knows integer timesteps): each uniform
+    lambda is rounded to the timestep of nearest lambda, then ties are pushed apart.
+    """
+    T = schedule.num_timesteps
+    S = check_num_steps(T, num_steps)
+    alpha_bar, one_minus = _alpha_bars(schedule)
+    lam = 0.5 * (np.log(alpha_bar) - np.log(one_minus))  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], S)[::-1]  # S = 1: lambda(T-1) alone
+    raw = np.argmin(np.abs(lam[None, :] - targets[:, None]), axis=1)
+    return _strictly_increasing(np.sort(raw), T)
+
+
+def section_timesteps(num_timesteps: int, counts: Sequence[int]) -> np.ndarray:
+    """Improved-DDPM's section counts (Nichol & Dhariwal 2021, App.): T split into len(counts)
+    sections of near-equal length L (the first T mod n one longer), with counts[i] timesteps
+    round(j (L - 1) / (counts[i] - 1)) (j < counts[i]) in section i, one at its start if 1.
+
+    Raises:
+      ValueError: a count that is not an int in [1, L] (naming it), or no counts.
+    """
+    T, counts = int(num_timesteps), tuple(counts)
+    if not counts or len(counts) > T:
+        raise ValueError(f"section counts must be 1 to {T} ints, got {counts!r}")
+    size, extra = divmod(T, len(counts))
+    start, picked = 0, []
+    for i, count in enumerate(counts):
+        length = size + (i < extra)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+            raise ValueError(f"section count {count!r} is not an int (counts {counts!r})")
+        if not 1 <= count <= length:
+            raise ValueError(f"section {i} has {length} timesteps: cannot take {count}")
+        stride = (length - 1) / (count - 1) if count > 1 else 0.0
+        picked += [start + round(j * stride) for j in range(count)]
+        start += length
+    return np.asarray(picked, np.int64)
+
+
+def sampler_timesteps(schedule: DiffusionSchedule, num_steps, spacing) -> np.ndarray:
+    """The S increasing timesteps a few-step sampler visits (the last T-1), for any Spacing, or
+    for section counts (num_steps a tuple; spacing unused; the last is T-1 unless the last
+    count is 1)."""
+    if isinstance(num_steps, tuple):
+        return section_timesteps(schedule.num_timesteps, num_steps)
+    if Spacing(spacing) is Spacing.LOGSNR:
+        return logsnr_timesteps(schedule, num_steps)
+    return ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+
+
+def _check_guidance(guidance) -> float:
+    try:
+        value = float(guidance)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"guidance must be a Python number >= 0, got {guidance!r}") from e
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    return value
 
 
 def _check_eta(eta) -> float:
@@ -357,6 +492,7 @@ def ddim_sample(
     eta: float = 0.0,
     spacing=Spacing.UNIFORM,
     model_mean_type,
+    model_var_type=diffusion.ModelVarType.FIXED_LARGE,
     clip_denoised: bool = True,
     return_trajectory: bool = False,
 ):
@@ -374,8 +510,9 @@ def ddim_sample(
       shape: [B, ...] of the samples.
       num_steps: S in [1, T] (static).
       eta: in [0, 1] (a static Python number); 0 draws no noise at all.
-      spacing: a Spacing (or "uniform" / "quadratic").
+      spacing: a Spacing (or "uniform" / "quadratic" / "logsnr").
       model_mean_type: diffusion.ModelMeanType (or its value).
+      model_var_type: only says whether the network also outputs variance channels (ignored).
       clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
       return_trajectory: also return a Trajectory of all S steps (x_t entering each step).
 
@@ -386,9 +523,10 @@ def ddim_sample(
       ValueError: num_steps outside [1, T], eta outside [0, 1], or an unknown spacing.
     """
     shape = _check_shape(shape)
-    ts_up = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+    ts_up = sampler_timesteps(schedule, num_steps, spacing)
     eta = _check_eta(eta)
     mean_type = diffusion.ModelMeanType(model_mean_type)
+    var_type = diffusion.ModelVarType(model_var_type)
 
     def step_fn(x_t, t, t_prev, rng):
         if eta == 0.0:  # sigma_t = 0: skip drawing noise that would be multiplied by 0
@@ -397,7 +535,7 @@ def ddim_sample(
             noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
         return diffusion.ddim_step(
             schedule,
-            _model_output(denoise_fn, x_t, t),
+            _model_output(denoise_fn, x_t, t, var_type, mean_only=True),
             x_t,
             t,
             t_prev,
@@ -414,25 +552,203 @@ def ddim_sample(
 
 
 # --------------------------------------------------------------------------------------------
+# Respaced ancestral sampling, Nichol & Dhariwal 2021, Sec. 4.
+# --------------------------------------------------------------------------------------------
+
+
+def respaced_schedule(schedule: DiffusionSchedule, timesteps: Sequence[int]) -> DiffusionSchedule:
+    """The forward process restricted to `timesteps` (increasing), as a chain of its own.
+
+    Its alpha_bar are the schedule's at those timesteps, so its betas are
+    beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (alpha_bar_{t_{-1}} = 1), and every
+    coefficient (beta-tilde', the posterior coefficients) follows in float64 from them.
+    """
+    ts = np.asarray(timesteps, np.int64)
+    if ts.ndim != 1 or not len(ts) or (np.diff(ts) <= 0).any() or ts[0] < 0:
+        raise ValueError(f"timesteps must be increasing indices >= 0, got {timesteps!r}")
+    alpha_bar, one_minus = _alpha_bars(schedule)
+    prev_alpha_bar = np.append(1.0, alpha_bar[ts[:-1]])
+    prev_one_minus = np.append(0.0, one_minus[ts[:-1]])
+    # 1 - ab_t / ab_s from the float32 schedule, whichever way loses less: near t = 0 as
+    # ((1 - ab_t) - (1 - ab_s)) / ab_s (both accurate, no 1 - 0.9999... cancellation), and
+    # where alpha_bar is small as 1 - ab_t / ab_s (a ratio of accurate small numbers).
+    near_start = one_minus[ts] < prev_alpha_bar
+    betas = np.where(
+        near_start,
+        (one_minus[ts] - prev_one_minus) / prev_alpha_bar,
+        1.0 - alpha_bar[ts] / prev_alpha_bar,
+    )
+    return DiffusionSchedule.from_betas(betas)
+
+
+def respaced_sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    spacing=Spacing.UNIFORM,
+    model_mean_type,
+    model_var_type,
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+):
+    """Draws x_0 by Algorithm 2 on the S = num_steps timesteps of `sampler_timesteps`.
+
+    The chain is the respaced one (`respaced_schedule`): its means, beta' and beta-tilde' (and a
+    learned variance's interpolation between them) are its own, while the network is called
+    with the original timestep indices t_i. Keys as for `sample` with S steps; with S = T it is
+    `sample`. The schedule must be concrete (closed over, not a traced argument).
+
+    Args:
+      rng, denoise_fn, schedule, shape: as for `sample`.
+      num_steps: S in [1, T] (static).
+      spacing: a Spacing (or its value).
+      model_mean_type, model_var_type, clip_denoised: as for `p_sample_loop`.
+      return_trajectory: also return a Trajectory of all S steps (t: original timesteps).
+
+    Returns:
+      x_0 float32 [shape], or (x_0, Trajectory) if return_trajectory.
+    """
+    shape = _check_shape(shape)
+    ts = sampler_timesteps(schedule, num_steps, spacing)
+    original_t = jnp.asarray(ts, jnp.int32)
+    x_T, step_rngs = _split_rngs(rng, shape, len(ts), jnp.float32)
+    out = p_sample_loop(
+        step_rngs,
+        lambda x_t, i: denoise_fn(x_t, original_t[i]),
+        respaced_schedule(schedule, ts),
+        x_T,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+        return_trajectory=return_trajectory,
+    )
+    if not return_trajectory:
+        return out
+    x_0, traj = out
+    return x_0, traj._replace(t=original_t[traj.t])
+
+
+# --------------------------------------------------------------------------------------------
+# DPM-Solver++(2M), Lu et al. 2022.
+# --------------------------------------------------------------------------------------------
+
+
+def dpm_solver_pp_sample(
+    rng: jax.Array,
+    denoise_fn: DenoiseFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    spacing=Spacing.LOGSNR,
+    model_mean_type,
+    model_var_type=diffusion.ModelVarType.FIXED_LARGE,
+    clip_denoised: bool = True,
+):
+    """Draws x_0 with DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): S network calls, no noise.
+
+    The S timesteps of `sampler_timesteps` are visited in reverse, paired with their successors
+    as in DDIM (the last with -1: alpha_bar = 1). The first step is first order (DDIM), the
+    others second order from the previous data prediction, kept in the scan's carry with its
+    step h; the final step, to sigma = 0, is first order and returns x0_hat.
+
+    Keys: rng -> (rng_x, unused) as `ddim_sample` splits it, so both start from the same x_T.
+
+    Args:
+      rng, denoise_fn, schedule, shape: as for `ddim_sample`.
+      num_steps: S in [1, T] (static).
+      spacing: a Spacing; "logsnr" (the paper's choice) needs a concrete schedule.
+      model_mean_type: diffusion.ModelMeanType (or its value).
+      model_var_type: only says whether the network also outputs variance channels (ignored).
+      clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
+
+    Returns:
+      x_0 float32 [shape].
+    """
+    shape = _check_shape(shape)
+    ts = sampler_timesteps(schedule, num_steps, spacing)[::-1]
+    t_prevs = np.append(ts[1:], -1)
+    mean_type = diffusion.ModelMeanType(model_mean_type)
+    var_type = diffusion.ModelVarType(model_var_type)
+    x_T, _ = _split_rngs(rng, shape, len(ts), jnp.float32)
+    batch = shape[0]
+
+    def body(carry, xs):
+        x_t, prev_pred_xstart, prev_h = carry
+        t = jnp.full((batch,), xs[0], jnp.int32)
+        t_prev = jnp.full((batch,), xs[1], jnp.int32)
+        x_prev, pred_xstart, h = diffusion.dpm_solver_pp_step(
+            schedule,
+            _model_output(denoise_fn, x_t, t, var_type, mean_only=True),
+            x_t,
+            t,
+            t_prev,
+            prev_pred_xstart,
+            prev_h,
+            model_mean_type=mean_type,
+            clip_denoised=clip_denoised,
+        )
+        return (x_prev, pred_xstart, h), None
+
+    carry = (x_T, jnp.zeros_like(x_T), jnp.zeros((batch,), jnp.float32))
+    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(t_prevs, jnp.int32))
+    (x_0, _, _), _ = jax.lax.scan(body, carry, xs)
+    return x_0
+
+
+# --------------------------------------------------------------------------------------------
 # Models, labels and devices.
 # --------------------------------------------------------------------------------------------
 
 
-def make_denoise_fn(apply_fn: Callable, params, *, labels: jax.Array | None = None) -> DenoiseFn:
+def make_denoise_fn(
+    apply_fn: Callable,
+    params,
+    *,
+    labels: jax.Array | None = None,
+    guidance: float = 0.0,
+    null_label: int | None = None,
+) -> DenoiseFn:
     """Closes flax params (and class labels) into denoise_fn(x_t, t) for the samplers.
+
+    With guidance w > 0 (classifier-free guidance, Ho & Salimans 2021) each call is ONE network
+    call on the batch doubled, [x_t; x_t] with labels [y; null], combined as
+    (1 + w) eps(x_t, y) - w eps(x_t, null) (`diffusion.classifier_free_guidance`).
 
     Args:
       apply_fn: a flax `Module.apply`, called as apply_fn({"params": params}, x_t, t[, labels],
         train=False) (labels are passed only when given).
       params: the parameter tree (e.g. the EMA parameters).
       labels: int32 [B] class labels for class-conditional sampling; see `sample_labels`.
+      guidance: the guidance weight w >= 0; 0 calls the network once on the batch as it is.
+      null_label: the label of "no class" (the model's num_classes), needed when w > 0.
     """
+    guidance = _check_guidance(guidance)
+    if guidance and (labels is None or null_label is None):
+        raise ValueError(
+            f"guidance={guidance:g} needs class labels and a null label (a class-conditional "
+            "model trained with label dropout)"
+        )
 
     def denoise_fn(x_t, t):
         variables = {"params": params}
         if labels is None:
             return apply_fn(variables, x_t, t, train=False)
-        return apply_fn(variables, x_t, t, labels, train=False)
+        if not guidance:
+            return apply_fn(variables, x_t, t, labels, train=False)
+        nulls = jnp.full_like(labels, null_label)
+        both = apply_fn(
+            variables,
+            jnp.concatenate([x_t, x_t]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([labels, nulls]),
+            train=False,
+        )
+        cond, uncond = jnp.split(both, 2)
+        return diffusion.classifier_free_guidance(cond, uncond, guidance, channels=x_t.shape[-1])
 
     return denoise_fn
 
@@ -447,26 +763,19 @@ def draw(
     output: diffusion.ModelOutput,
 ) -> jax.Array:
     """x_0 [shape] from the sampler `spec` names (one lax.scan; wrap in jit or pmap)."""
+    mean_type, var_type = output.mean_type, output.var_type
+    common = dict(model_mean_type=mean_type, clip_denoised=spec.clip_denoised)
     if spec.sampler is Sampler.ANCESTRAL:
-        return sample(
-            rng,
-            denoise_fn,
-            schedule,
-            shape,
-            model_mean_type=output.mean_type,
-            model_var_type=output.var_type,
-            clip_denoised=spec.clip_denoised,
+        return sample(rng, denoise_fn, schedule, shape, model_var_type=var_type, **common)
+    few = dict(num_steps=spec.steps, spacing=spec.spacing, **common)
+    if spec.sampler is Sampler.RESPACED:
+        return respaced_sample(rng, denoise_fn, schedule, shape, model_var_type=var_type, **few)
+    if spec.sampler is Sampler.DPM_SOLVER_PP:
+        return dpm_solver_pp_sample(
+            rng, denoise_fn, schedule, shape, model_var_type=var_type, **few
         )
     return ddim_sample(
-        rng,
-        denoise_fn,
-        schedule,
-        shape,
-        num_steps=spec.steps,
-        eta=spec.eta,
-        spacing=spec.spacing,
-        model_mean_type=output.mean_type,
-        clip_denoised=spec.clip_denoised,
+        rng, denoise_fn, schedule, shape, eta=spec.eta, model_var_type=var_type, **few
     )
 
 
@@ -487,7 +796,9 @@ def _device_sample(
     rng_labels, rng_sample = jax.random.split(jax.random.fold_in(rng, device_index))
     if labels is None and num_classes is not None:
         labels = sample_labels(rng_labels, shape[0], num_classes)
-    denoise_fn = make_denoise_fn(apply_fn, params, labels=labels)
+    denoise_fn = make_denoise_fn(
+        apply_fn, params, labels=labels, guidance=spec.guidance, null_label=num_classes
+    )
     images = draw(rng_sample, denoise_fn, schedule, shape, spec=spec, output=output)
     return images, labels
 
@@ -517,7 +828,8 @@ def make_pmapped_sampler(
       per_device_batch: samples per device.
       image_shape: (H, W, C).
       num_classes: for class-conditional models: labels are drawn uniformly per device unless
-        given; None for unconditional models.
+        given; None for unconditional models. With spec.guidance > 0 the label num_classes is
+        the null class (the model must have one: label dropout in training).
       parallelism: the device wrapper (pmap, or jit(shard_map) over all devices); the samples
         are the same either way.
 
@@ -528,6 +840,8 @@ def make_pmapped_sampler(
     """
     shape = _check_shape((per_device_batch, *image_shape))
     spec.validate(schedule.num_timesteps)  # fail here rather than at the first call
+    if spec.guidance and num_classes is None:
+        raise ValueError(f"guidance={spec.guidance:g} needs a class-conditional model")
     device_fn = functools.partial(
         _device_sample,
         apply_fn=apply_fn,

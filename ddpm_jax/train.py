@@ -54,14 +54,30 @@ def diffusion_loss(
     model_mean_type: diffusion.ModelMeanType,
     loss_weighting: diffusion.LossWeighting = diffusion.LossWeighting.NONE,
     min_snr_gamma: float = 5.0,
+    model_var_type: diffusion.ModelVarType = diffusion.ModelVarType.FIXED_LARGE,
+    vlb_weight: float = 0.0,
 ) -> jax.Array:
-    """L_simple (Algorithm 1) for given t and noise: the mean over this device's batch."""
+    """L_simple (Algorithm 1) for given t and noise: the mean over this device's batch; with a
+    learned variance L_hybrid = L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021)."""
     x_t = diffusion.q_sample(schedule, x_start, t, noise)
     target = diffusion.training_target(schedule, x_start, t, noise, model_mean_type=model_mean_type)
     weights = diffusion.loss_weights(
         schedule, t, weighting=loss_weighting, model_mean_type=model_mean_type, gamma=min_snr_gamma
     )
     output = apply_fn({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng})
+    if diffusion.learns_variance(model_var_type):
+        loss = diffusion.loss_hybrid(
+            schedule,
+            output,
+            x_start,
+            x_t,
+            t,
+            target,
+            model_mean_type=model_mean_type,
+            vlb_weight=vlb_weight,
+            weights=weights,
+        )
+        return jnp.mean(loss)
     return jnp.mean(diffusion.loss_simple(output, target, weights=weights))
 
 
@@ -82,10 +98,14 @@ def train_step(
     model_mean_type: diffusion.ModelMeanType,
     loss_weighting: diffusion.LossWeighting,
     min_snr_gamma: float,
+    model_var_type: diffusion.ModelVarType = diffusion.ModelVarType.FIXED_LARGE,
+    vlb_weight: float = 0.0,
     ema_decay: float,
     ema_warmup: bool,
     learning_rate_fn: optax.Schedule,
     class_conditional: bool,
+    num_classes: int | None = None,
+    label_dropout: float = 0.0,
     axis_name: str = parallel.AXIS,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
     """One optimisation step on one device's batch; collectives over `axis_name`.
@@ -94,6 +114,8 @@ def train_step(
       state: this device's replica of the train state.
       batch: {"image": [b, H, W, C] float32 in [-1, 1], "label": [b] int32, ...}.
       rng: the run's key, the same on every device; per-step and per-device keys are derived.
+      num_classes, label_dropout: with label_dropout > 0 each label is replaced by the null
+        class num_classes with that probability (classifier-free guidance, Ho & Salimans 2021).
 
     Returns:
       The new state (unchanged but for the step and skip counter if the update was not finite)
@@ -103,9 +125,16 @@ def train_step(
     chex.assert_rank(x_start, 4)
     rng = jax.random.fold_in(rng, state.step)
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    if label_dropout > 0:  # a fourth key only then: runs without label dropout draw as before
+        t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 4)
+    else:
+        t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    labels = batch["label"] if class_conditional else None
+    if labels is not None and label_dropout > 0:
+        drop = jax.random.bernoulli(label_rng, label_dropout, labels.shape)
+        labels = jnp.where(drop, num_classes, labels)
 
     loss_fn = functools.partial(
         diffusion_loss,
@@ -114,11 +143,13 @@ def train_step(
         x_start=x_start,
         t=t,
         noise=noise,
-        labels=batch["label"] if class_conditional else None,
+        labels=labels,
         dropout_rng=dropout_rng,
         model_mean_type=model_mean_type,
         loss_weighting=loss_weighting,
         min_snr_gamma=min_snr_gamma,
+        model_var_type=model_var_type,
+        vlb_weight=vlb_weight,
     )
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
@@ -168,10 +199,14 @@ def make_step_fn(config: ml_collections.ConfigDict, schedule) -> Callable:
         model_mean_type=diffusion.ModelMeanType(config.diffusion.model_mean_type),
         loss_weighting=diffusion.LossWeighting(config.diffusion.loss_weighting),
         min_snr_gamma=config.diffusion.min_snr_gamma,
+        model_var_type=diffusion.ModelVarType(config.diffusion.model_var_type),
+        vlb_weight=config.diffusion.vlb_weight,
         ema_decay=config.train.ema_decay,
         ema_warmup=config.train.ema_warmup,
         learning_rate_fn=experiment.create_learning_rate_fn(config.optim),
         class_conditional=config.data.class_conditional,
+        num_classes=experiment.num_classes(config),
+        label_dropout=config.train.label_dropout if config.data.class_conditional else 0.0,
     )
 
 

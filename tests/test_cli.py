@@ -108,3 +108,25 @@ def test_a_training_run_logs_progress_and_checkpoints_but_not_orbax_internals(tm
         "--config.train.num_steps=3",
     )  # fmt: skip
     assert verbose.returncode == 0 and "checkpoint_manager.py" in verbose.stderr
+
+
+def test_sampler_and_spacing_choices_are_the_enums():
+    from ddpm_jax import cli, sampling
+
+    assert cli.SAMPLERS == tuple(s.value for s in sampling.Sampler)
+    assert cli.SPACINGS == tuple(s.value for s in sampling.Spacing)
+
+
+def test_guidance_flag_reaches_the_spec_and_is_refused_without_a_null_class(workdir, tmp_path):
+    """--guidance is a SamplerSpec override; the test model was trained without label dropout."""
+    result = _run(
+        "sample", "--workdir", workdir, "--sampler", "dpm++2m", "--steps", "4", "--guidance", "2",
+        "--out", str(tmp_path / "g"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert _error_lines(result) == [
+        "error: guidance=2: the model has no null class (it needs config.data.class_conditional "
+        "and config.train.label_dropout > 0 in training)"
+    ]
+    negative = _run("sample", "--workdir", workdir, "--guidance", "-1")
+    assert negative.returncode == 2 and "--guidance" in _error_lines(negative)[0]

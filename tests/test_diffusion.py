@@ -22,7 +22,8 @@ T = 1000
 LINEAR = schedules.make_schedule("linear", T)
 BETAS = schedules.get_beta_schedule("linear", T)  # float64
 MEAN_TYPES = list(diffusion.ModelMeanType)
-VAR_TYPES = list(diffusion.ModelVarType)
+# The fixed variances; learned_range (2C outputs) has its own tests below and in test_sampling.
+VAR_TYPES = [diffusion.ModelVarType.FIXED_SMALL, diffusion.ModelVarType.FIXED_LARGE]
 LN2 = math.log(2.0)
 
 fast = settings(max_examples=20, deadline=None, derandomize=True)
@@ -546,3 +547,39 @@ def test_bad_shapes_raise_with_the_shapes_named():
         diffusion.ddim_step(
             LINEAR, eps, x0, t, t[:1], eps, eta=0.0, model_mean_type="epsilon", clip_denoised=True
         )
+
+
+def test_hybrid_loss_trains_the_mean_by_l_simple_and_the_variance_by_the_bound():
+    """L_hybrid = L_simple + lambda T L_t (Nichol & Dhariwal 2021): the bound's gradient reaches
+    the variance channels only (stop_gradient on the mean), and its value is vb_terms_bpd's."""
+    x0, eps, t = batch(11, t=[3, 500, 999, 0])
+    xt = noisy(x0, eps, t)
+    rng = np.random.default_rng(12)
+    output = jnp.asarray(
+        np.concatenate(
+            [eps + 0.1 * rng.standard_normal(eps.shape), rng.uniform(-1, 1, eps.shape)], -1
+        ),
+        jnp.float32,
+    )
+    kw = dict(model_mean_type="epsilon", vlb_weight=0.001)
+    hybrid = lambda out: jnp.sum(diffusion.loss_hybrid(LINEAR, out, x0, xt, t, eps, **kw))
+    simple = lambda out: jnp.sum(diffusion.loss_simple(out[..., :2], eps))
+    g_hybrid, g_simple = jax.grad(hybrid)(output), jax.grad(simple)(output)
+    np.testing.assert_allclose(g_hybrid[..., :2], g_simple[..., :2], rtol=1e-6, atol=1e-9)
+    g_v = np.abs(np.asarray(g_hybrid[..., 2:]))
+    assert g_v[t > 0].min() > 0  # the bound trains v ...
+    assert g_v[t == 0].max() == 0  # ... except at index 0, where both ends are beta-tilde_1
+    vb, _ = diffusion.vb_terms_bpd(
+        LINEAR,
+        output,
+        x0,
+        xt,
+        t,
+        model_mean_type="epsilon",
+        model_var_type="learned_range",
+        clip_denoised=False,
+    )
+    expected = diffusion.loss_simple(output[..., :2], eps) + 0.001 * T * vb
+    np.testing.assert_allclose(
+        diffusion.loss_hybrid(LINEAR, output, x0, xt, t, eps, **kw), expected, rtol=1e-6
+    )

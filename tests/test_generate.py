@@ -59,6 +59,21 @@ def test_ddim_sampler_from_the_command(workdir, tmp_path):
     assert sample_command.read_shards(out).shape == (8, 8, 8, 1)
 
 
+@pytest.mark.parametrize(("sampler", "spacing"), [("respaced", "uniform"), ("dpm++2m", "logsnr")])
+def test_few_step_samplers_from_the_command(workdir, tmp_path, sampler, spacing):
+    out = sample_command.generate(
+        workdir,
+        out_dir=str(tmp_path / sampler),
+        num_samples=8,
+        batch_size=8,
+        sampler=sampler,
+        steps=4,
+        spacing=spacing,
+    )
+    images = sample_command.read_shards(out)
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
 def test_an_interrupted_write_leaves_no_shard_that_looks_complete(workdir, tmp_path, monkeypatch):
     def broken_savez(f, **arrays):
         f.write(b"PK\x03\x04 half a zip")

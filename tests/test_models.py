@@ -314,3 +314,15 @@ def test_widths_must_suit_group_norm():
         ValueError, match=r"\[48, 96\] \(ch=48, ch_mult=\(1, 2\)\) must be multiples of 32"
     ):
         model.init(jax.random.key(0), x, t, train=False)
+
+
+def test_null_class_adds_one_embedding_row_only_when_asked():
+    plain = unet.UNet(dropout=0.0, num_classes=10, **TINY)
+    assert _param_shapes(plain, with_labels=True)["label_emb"]["embedding"].shape[0] == 10
+    model = unet.UNet(dropout=0.0, num_classes=10, null_class=True, **TINY)
+    params = _random_params(model, with_labels=True)
+    assert params["label_emb"]["embedding"].shape == (11, 4 * TINY["ch"])
+    x, t = _x_t()
+    out_null = _apply(model, params, x, t, jnp.array([10, 1]))  # label 10: the null class
+    out_class = _apply(model, params, x, t, jnp.array([0, 1]))
+    assert np.all(np.isfinite(out_null)) and not np.allclose(out_null[0], out_class[0])

@@ -241,3 +241,54 @@ def test_nonfinite_skip_mode_leaves_params_unchanged_and_counts(tmp_path, monkey
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.num_skipped) == 1
     assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_from_a_fourth_key():
+    """A network that outputs 1000 where its label is the null class (10): the pmean-ed loss
+    reveals which labels were dropped; they must be bernoulli(split(key, 4)[3], p), and the
+    noise split(key, 4)[1]."""
+    config = _config(label_dropout=0.5)
+    config.data.class_conditional = True
+    n, b, shape = 4, 16, (8, 8, 1)
+    schedule = experiment.create_schedule(config)
+
+    def null_net(variables, x_t, t, labels, train, rngs):
+        dropped = (labels == 10).astype(x_t.dtype)[:, None, None, None]
+        return jnp.zeros_like(x_t) + 1000.0 * dropped * variables["params"]["w"]
+
+    state = train_state.TrainState.create(
+        apply_fn=null_net,
+        params={"w": jnp.ones(())},
+        tx=optax.sgd(0.0),
+        ema_params={"w": jnp.ones(())},
+        num_skipped=jnp.zeros((), jnp.int32),
+    )
+    p_step = parallel.pmap(
+        train.make_step_fn(config, schedule), in_axes=(None, 0, None), devices=jax.devices()[:n]
+    )
+    batch = {"image": np.zeros((n, b, *shape), np.float32), "label": np.zeros((n, b), np.int32)}
+    rng = jax.random.key(3)
+    _, metrics = p_step(state, batch, rng)
+    losses, dropped = [], []
+    for d in range(n):
+        keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, 0), d), 4)
+        drop = np.asarray(jax.random.bernoulli(keys[3], 0.5, (b,)), np.float64)
+        noise = np.asarray(jax.random.normal(keys[1], (b, *shape)), np.float64)
+        losses.append(np.mean(np.square(1000.0 * drop[:, None, None, None] - noise)))
+        dropped.append(drop)
+    np.testing.assert_allclose(float(metrics["loss"][0]), np.mean(losses), rtol=1e-5)
+    assert 0.3 < np.mean(dropped) < 0.7
+
+
+def test_learned_variance_trains_with_the_hybrid_loss():
+    """learned_range: the UNet outputs 2C channels and the step minimises L_simple + lambda L_vlb
+    (the loss itself is tested in test_diffusion); loss and gradients are finite."""
+    config = _config()
+    config.diffusion.model_var_type = "learned_range"
+    model = experiment.create_model(config)
+    assert model.out_ch == 2 * config.data.channels
+    n = 2
+    state, step = _state(config, n), _step_fn(config, n)
+    state, metrics = step(state, _batch(config, n, 2), jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+    assert np.all(np.isfinite(np.asarray(metrics["grad_norm"])))

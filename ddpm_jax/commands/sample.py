@@ -94,9 +94,8 @@ def generate(
     try:
         spec.validate(schedule.num_timesteps)
     except ValueError as e:
-        flag = "--eta" if "eta" in str(e) else "--steps"
-        value = spec.eta if flag == "--eta" else spec.steps
-        raise ValueError(f"{flag}={value}: {e}") from None
+        field = next((f for f in ("guidance", "eta") if f in str(e)), "steps")
+        raise ValueError(f"--{field}={getattr(spec, field)}: {e}") from None
     default_dir = os.path.join(workdir, "generated", f"{spec.tag}-seed{seed}")
     out_dir = check_output_dir(out_dir or default_dir)
     is_main = jax.process_index() == 0

@@ -54,6 +54,9 @@ class UNet(nn.Module):
       out_ch: output channels.
       num_classes: if set, a learned label embedding is added to the timestep embedding and
         `y` is required.
+      null_class: the embedding has one more row, label num_classes, "no class" (for
+        classifier-free guidance: trained with label dropout). Off by default, so models without
+        it keep their parameter shapes.
       resamp_with_conv: resample with convs (else average pooling / plain nearest upsampling).
       dtype: compute dtype of convs/dense layers, e.g. "bfloat16"; norms, softmax and the output
         stay float32.
@@ -70,6 +73,7 @@ class UNet(nn.Module):
     dropout: float
     out_ch: int
     num_classes: int | None = None
+    null_class: bool = False
     resamp_with_conv: bool = True
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
@@ -83,7 +87,8 @@ class UNet(nn.Module):
         Args:
           x: [B, H, W, C] float, H == W divisible by 2 ** (len(ch_mult) - 1).
           t: [B] int or float timesteps.
-          y: [B] int labels in [0, num_classes), required iff num_classes is set.
+          y: [B] int labels in [0, num_classes) (num_classes too: the null class, if it has
+            one), required iff num_classes is set.
           train: enables dropout (needs a "dropout" rng when dropout > 0).
 
         Returns:
@@ -99,7 +104,10 @@ class UNet(nn.Module):
         temb = layers.TimestepEmbedding(self.ch, 4 * self.ch, name="temb", **kw)(t)
         if self.num_classes is not None:
             label_emb = nn.Embed(
-                self.num_classes, 4 * self.ch, param_dtype=param_dtype, name="label_emb"
+                self.num_classes + int(self.null_class),
+                4 * self.ch,
+                param_dtype=param_dtype,
+                name="label_emb",
             )
             temb = temb + label_emb(y).astype(temb.dtype)
 
