@@ -92,6 +92,11 @@ def _reference_quality(threshold: float) -> dict[str, Any]:
     return {**_quality(probs, threshold), "accuracy": accuracy}
 
 
+def predict_proba(images: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, 10] of uint8 digits [N, 8, 8, 1] (the digits classifier)."""
+    return digits_classifier().predict_proba(_digits_features(images))
+
+
 def sample_quality(images: np.ndarray, *, threshold: float = 0.9) -> dict[str, Any]:
     """How digit-like and how evenly spread over the classes a set of 8x8 samples is.
 

@@ -9,7 +9,14 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train_throughput", "sample_throughput", "vs_pytorch", "gpu_check", "report")
+SCRIPTS = (
+    "train_throughput",
+    "sample_throughput",
+    "vs_pytorch",
+    "gpu_check",
+    "report",
+    "sampler_quality",
+)
 
 
 def _run(script: str, *args: str, timeout: float = 900) -> str:
