@@ -14,7 +14,7 @@ import pytest
 
 from configs import default
 from configs import test as test_config
-from ddpm_jax import convert, schedules
+from ddpm_jax import convert, experiment, schedules
 from ddpm_jax.models import unet
 
 
@@ -146,7 +146,7 @@ def _max_relative_error_vs_diffusers(torch_model, params, config, batch=3, seed=
         labels = None if y is None else torch.from_numpy(y).long()
         x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2)).double()
         ref = reference(x_nchw, torch.from_numpy(t), labels).sample.numpy().transpose(0, 2, 3, 1)
-    model = unet.UNet(**convert.unet_kwargs(config))
+    model = unet.UNet(**experiment.unet_kwargs(config))
     out = np.asarray(
         jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, train=False))(
             params, x, t, y
