@@ -154,3 +154,40 @@ def test_frechet_distance_eps_path_matches_pytorch_fid(pytorch_fid, caplog):
         fid_score.calculate_frechet_distance(*copy.deepcopy(bad))
     with pytest.raises(ValueError, match="Imaginary component"):
         fid.frechet_distance(*bad)
+
+
+def test_fid_weights_command_converts_the_pth_without_pickle_at_read_time(reference, tmp_path):
+    """README's `ddpm-jax fid-weights --from FILE --out W.npz`, on a .pth of random weights."""
+    import os
+    import subprocess
+    import sys
+
+    net = reference[1]
+    pth = tmp_path / inception.WEIGHTS_FILENAME
+    torch.save({k: v.float() for k, v in net.state_dict().items()}, pth)
+    out = tmp_path / "inception.npz"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = ["fid-weights", "--from", str(pth), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.main", *command],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = inception.load_weights(str(out))  # allow_pickle=False inside
+    state = {k: v.float().numpy() for k, v in net.state_dict().items()}
+    expected = inception.params_from_torch_state_dict(state)
+    flat_a, flat_b = _flatten(loaded), _flatten(expected)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), key)
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
