@@ -13,7 +13,7 @@
 A flag given to a subcommand that does not take it is a usage error naming it; an explicit value
 is used or refused, never taken for "not given". Usage errors and invalid values (flags or config
 fields) print one line and exit 2 (`--traceback` shows the Python traceback as well). Orbax's INFO
-records are filtered out unless `--verbosity=1` (or higher) is given.
+and JAX's INFO records are filtered out unless `--verbosity=1` (or higher) is given.
 """
 
 from __future__ import annotations
@@ -408,13 +408,17 @@ def _fail(message: str) -> None:
     sys.exit(USAGE_EXIT_CODE)
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drops orbax's INFO records (about 90 lines per checkpoint) unless --verbosity >= 1."""
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's INFO records (about 90 lines per checkpoint) and JAX's own (backend probing)
+    unless --verbosity >= 1; warnings and errors always pass."""
+
+    _QUIET = ("/orbax/", "/jax/_src/")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1:
             return True
-        return "/orbax/" not in record.pathname.replace("\\", "/")
+        path = record.pathname.replace("\\", "/")
+        return not any(part in path for part in self._QUIET)
 
 
 def main(argv: list[str]) -> None:
@@ -458,5 +462,5 @@ def _run_main(argv: list[str]) -> None:
 def run() -> None:
     """Console-script entry point (`ddpm-jax`)."""
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     app.run(_run_main, flags_parser=parse_flags)

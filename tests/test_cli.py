@@ -100,6 +100,7 @@ def test_a_training_run_logs_progress_and_checkpoints_but_not_orbax_internals(tm
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     assert not [line for line in lines if "orbax" in line or "checkpoint_manager.py" in line]
+    assert not [line for line in lines if "xla_bridge.py" in line]
     assert sum("Checkpoint of step" in line for line in lines) == 2
     assert sum(" loss " in line for line in lines) == 3  # log_every=2
     assert len(lines) <= 10, "\n".join(lines)
