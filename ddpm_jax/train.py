@@ -182,8 +182,8 @@ def multi_train_step(state, batches, rng, *, step_fn):
 
     With one batch the step is called directly, not scanned: XLA:CPU runs the gradient
     convolutions inside a loop body 6-28x slower than outside one (jax-ml/jax#12868;
-    `benchmarks/train_throughput.py --variants library,scanned` measures it), so on CPU use
-    `steps_per_dispatch = 1`. On GPU and TPU the scan saves host round trips.
+    benchmarks/RESULTS.md records it), so on CPU use `steps_per_dispatch = 1`. On GPU and TPU
+    the scan saves host round trips.
     """
     if jax.tree.leaves(batches)[0].shape[0] == 1:
         state, metrics = step_fn(state, jax.tree.map(lambda x: x[0], batches), rng)
@@ -307,6 +307,7 @@ def make_fid_evaluator(config: ml_collections.ConfigDict, model, schedule) -> Ca
         per_device_batch=config.eval.fid_batch // jax.device_count(),
         image_shape=experiment.image_shape(config),
         num_classes=experiment.num_classes(config),
+        parallelism=experiment.parallelism(config),
     )
     feature_fn = fid.make_feature_fn(inception.load_weights(config.eval.fid_weights))
     return fid.make_sample_fid(

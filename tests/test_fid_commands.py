@@ -129,6 +129,7 @@ def test_fid_during_training_is_logged_at_fid_every(weights, tmp_path):
     config.eval.fid_batch = 8
     config.eval.fid_ref = stats
     config.eval.fid_weights = weights
+    config.train.parallelism = "shard_map"  # the FID sampler follows the train step's wrapper
     train.train_and_evaluate(config, str(tmp_path / "run"))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
