@@ -111,15 +111,6 @@ def local_device_indices() -> np.ndarray:
     return jax.process_index() * n + np.arange(n, dtype=np.int32)
 
 
-def split_for_devices(x: np.ndarray, num_devices: int | None = None) -> np.ndarray:
-    """Host rows [n, ...] -> [devices, n / devices, ...] (device d takes a contiguous block)."""
-    num_devices = jax.local_device_count() if num_devices is None else num_devices
-    x = np.asarray(x)
-    if x.shape[0] % num_devices:
-        raise ValueError(f"{x.shape[0]} rows do not split over {num_devices} devices")
-    return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
-
-
 def put_sharded(tree, devices: Sequence[jax.Device] | None = None):
     """Puts each [D, ...] array on the D local devices, slice i on device i (for a pmap-ed step).
 

@@ -43,14 +43,16 @@ def load_feature_fn(weights_path: str) -> fid.FeatureFn:
 def features(feature_fn: fid.FeatureFn, batches: Iterable[np.ndarray], *, total: int):
     """InceptionOutput of all batches, with a progress bar on process 0's terminal."""
     progress = loop_utils.progress_bar(0, total, enabled=jax.process_index() == 0, unit="image")
-    outputs = []
-    for batch in batches:
-        outputs.append(feature_fn(batch))
-        progress.update(len(batch))
-    progress.close()
-    if not outputs:
-        raise ValueError("no images to compute features of")
-    return inception.InceptionOutput(*(np.concatenate(parts) for parts in zip(*outputs)))
+
+    def counted():
+        for batch in batches:
+            yield batch  # feature_fn runs on it before the generator resumes
+            progress.update(len(batch))
+
+    try:
+        return fid.features_from_images(feature_fn, counted())
+    finally:
+        progress.close()
 
 
 def reference_stats(
