@@ -66,6 +66,14 @@ class Spacing(diffusion.Choice):
     LOGSNR = "logsnr"  # uniform in lambda = log(alpha / sigma) (Lu et al. 2022); nearest index
 
 
+class SpecError(ValueError):
+    """A SamplerSpec field the schedule cannot run; `field` names it (e.g. "steps")."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """Everything that chooses a sampler: built once, handed to `make_pmapped_sampler` / `draw`.
@@ -101,11 +109,17 @@ class SamplerSpec:
         object.__setattr__(self, "guidance", _check_guidance(self.guidance))
 
     def validate(self, num_timesteps: int) -> SamplerSpec:
-        """Raises ValueError naming a field the schedule cannot run; returns self."""
+        """Raises SpecError (its `.field` the field at fault) for what the schedule cannot run."""
+        checks = []
         if self.sampler is not Sampler.ANCESTRAL:
-            check_num_steps(num_timesteps, self.steps)
+            checks.append(("steps", lambda: check_num_steps(num_timesteps, self.steps)))
         if self.sampler is Sampler.DDIM:
-            _check_eta(self.eta)
+            checks.append(("eta", lambda: _check_eta(self.eta)))
+        for field, check in checks:
+            try:
+                check()
+            except ValueError as e:
+                raise SpecError(field, str(e)) from None
         return self
 
     @property

@@ -93,9 +93,8 @@ def generate(
     schedule = experiment.create_schedule(config)
     try:
         spec.validate(schedule.num_timesteps)
-    except ValueError as e:
-        field = next((f for f in ("guidance", "eta") if f in str(e)), "steps")
-        raise ValueError(f"--{field}={getattr(spec, field)}: {e}") from None
+    except sampling.SpecError as e:
+        raise ValueError(f"--{e.field}={getattr(spec, e.field)}: {e}") from None
     default_dir = os.path.join(workdir, "generated", f"{spec.tag}-seed{seed}")
     out_dir = check_output_dir(out_dir or default_dir)
     is_main = jax.process_index() == 0
